@@ -1,0 +1,1 @@
+"""Plumbing shared by the method files: nothing here is about any one paper."""

@@ -1,0 +1,103 @@
+"""Command line from a dataclass: `parse(Args, PRESETS)` turns each field into a `--kebab-case` flag.
+
+Precedence, lowest first: the method's `Args` defaults, the dataset's defaults (`DATASET_DEFAULTS`),
+the method's `PRESETS[dataset]`, then the flags given on the command line.
+"""
+import argparse
+import dataclasses
+import inspect
+import sys
+import typing
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+DATASETS = ("cifar10", "cifar100", "stl10", "imagenet", "folder", "synthetic")
+
+# Crop size per dataset; the CIFAR stem of common.resnet follows from image sizes of 64 px and less.
+DATASET_DEFAULTS = {
+    "cifar10": dict(image_size=32),
+    "cifar100": dict(image_size=32),
+    "stl10": dict(image_size=96),
+    "imagenet": dict(image_size=224, arch="resnet50"),
+    "folder": dict(image_size=224),
+    "synthetic": dict(image_size=32),
+}
+
+
+@dataclass
+class System:
+    """Flags every method accepts: data, run directory, evaluation and engineering, no paper symbol."""
+
+    dataset: typing.Literal[DATASETS] = "cifar10"  # dataset; `imagenet` also selects the paper's recipe
+    data_dir: str = "./data"  # dataset root; folder/imagenet expect train/ and val/ (or test/)
+    arch: typing.Literal["resnet18", "resnet50"] = "resnet18"  # backbone (CIFAR stem at <= 64 px)
+    image_size: int = 32  # crop size in pixels
+    workers: int = 4  # data loader processes per rank
+    out: str = ""  # run directory (default runs/<method>-<dataset>)
+    resume: bool = True  # continue from OUT/checkpoint.pt when it exists
+    max_steps: int = 0  # stop after this many optimiser steps (0: run all epochs)
+    knn_every: int = 10  # kNN monitor every this many epochs, and at the end (0: only at the end)
+    knn_k: int = 200  # k of the weighted kNN monitor
+    knn_t: float = 0.1  # temperature of the weighted kNN monitor
+    seed: int = 0  # random seed
+    log_every: int = 50  # steps between progress lines and metrics.jsonl rows
+    amp: bool = True  # bf16 autocast on CUDA (the losses stay float32)
+    compile: bool = False  # torch.compile the model
+    device: str = "auto"  # auto (cuda when available), cuda or cpu
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, no usage block
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _flag_type(annotation):
+    if typing.get_origin(annotation) is typing.Literal:
+        choices = typing.get_args(annotation)
+        if len(choices) == 1 and isinstance(choices[0], tuple):
+            choices = choices[0]
+        return type(choices[0]), choices
+    return annotation, None
+
+
+def _comments(cls):
+    """The trailing comment of each field line, used as its --help text."""
+    text = {}
+    for klass in reversed(cls.__mro__[:-1]):
+        for line in inspect.getsource(klass).splitlines():
+            m = re.match(r"\s+(\w+):[^#]*#\s*(.*)$", line)
+            if m:
+                text[m[1]] = m[2]
+    return text
+
+
+def parse(Args, presets=None, argv=None):
+    """Parse `argv` into an `Args` instance; see the module docstring for the precedence."""
+    presets = presets or {}
+    method = Path(inspect.getfile(Args)).stem
+    parser = _Parser(prog=f"{method}.py", description=(inspect.getmodule(Args).__doc__ or "").split("\n")[0])
+    own = [f for f in dataclasses.fields(Args) if f.name in Args.__annotations__]
+    rest = [f for f in dataclasses.fields(Args) if f.name not in Args.__annotations__]
+    hints, comments = typing.get_type_hints(Args), _comments(Args)
+    for f in own + rest:  # the method's own hyper-parameters first in --help
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        kind, choices = _flag_type(hints[f.name])
+        flag = "--" + f.name.replace("_", "-")
+        help_text = f"{comments.get(f.name, '')} (default: {default!r})".replace("%", "%%")
+        if kind is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        else:
+            parser.add_argument(flag, type=kind, choices=choices, default=None, help=help_text)
+    given = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
+    dataset = given.get("dataset", Args.dataset)
+    values = {**DATASET_DEFAULTS.get(dataset, {}), **presets.get(dataset, {}), **given}
+    args = Args(**values)
+    if not args.out:
+        args.out = f"runs/{method}-{args.dataset}"
+    for name in ("epochs", "batch_size", "image_size"):
+        if getattr(args, name, 1) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    return args
+
+

@@ -1,0 +1,157 @@
+"""Datasets through torchvision, a two-view wrapper, and loaders that shard, resume and seed.
+
+Every training sample draws its augmentation from its own seed, made of (seed, epoch, index): the
+views are the same whatever the number of ranks or loader workers and wherever a run resumed."""
+from pathlib import Path
+
+import torch
+import torchvision
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torchvision.transforms import v2
+
+from common import dist
+
+MEAN_STD = {
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+}
+IMAGENET_MEAN_STD = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+SYNTHETIC_SIZE = {"train": 512, "test": 128}
+
+
+class DataError(Exception):
+    """An unreadable image, found in a loader worker; the training loop reports it as one line."""
+
+
+def normalize(dataset):
+    """The per-channel normalisation that ends every pipeline."""
+    mean, std = MEAN_STD.get(dataset, IMAGENET_MEAN_STD)
+    return v2.Compose([v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)])
+
+
+def eval_transform(dataset, image_size):
+    """No augmentation: small images as they are, large ones resized and centre-cropped."""
+    resize = [] if image_size <= 64 else [v2.Resize(image_size * 256 // 224)]
+    return v2.Compose([*resize, v2.Resize(image_size), v2.CenterCrop(image_size), normalize(dataset)])
+
+
+def _folder(root, split):
+    names = {"train": ["train"], "test": ["val", "test"]}[split]
+    for name in names:
+        if (Path(root) / name).is_dir():
+            path = Path(root) / name
+            break
+    else:
+        dist.fail(f"{root} has no {' or '.join(n + '/' for n in names)} folder; --dataset folder/imagenet "
+                        f"expect train/ and val/ (or test/) in ImageFolder layout (one folder per class)")
+    try:
+        return torchvision.datasets.ImageFolder(path, loader=_load_rgb)
+    except (FileNotFoundError, OSError) as e:
+        dist.fail(f"no images found in {path} ({str(e).splitlines()[0]}); put one folder per class "
+                        f"with .jpg/.png files in it")
+
+
+def _load_rgb(path):
+    from PIL import Image
+    try:
+        with open(path, "rb") as f:
+            return Image.open(f).convert("RGB")
+    except Exception as e:
+        raise DataError(f"cannot read image {path} ({type(e).__name__}); remove or replace the file") from None
+
+
+def dataset(name, root, split, image_size=32):
+    """The `split` ('train', 'test' or 'pretrain') of a dataset as (PIL image, label) pairs."""
+    tv = torchvision.datasets
+    if name in ("folder", "imagenet"):
+        return _folder(root, "test" if split == "test" else "train")
+    if name == "synthetic":
+        return tv.FakeData(SYNTHETIC_SIZE["test" if split == "test" else "train"], (3, image_size, image_size),
+                           num_classes=10, random_offset=10**6 if split == "test" else 0)
+    if name not in ("cifar10", "cifar100", "stl10"):
+        dist.fail(f"unknown dataset {name!r}")
+    make = {"cifar10": lambda **kw: tv.CIFAR10(root, train=split != "test", **kw),
+            "cifar100": lambda **kw: tv.CIFAR100(root, train=split != "test", **kw),
+            "stl10": lambda **kw: tv.STL10(root, split={"pretrain": "train+unlabeled", "train": "train",
+                                                        "test": "test"}[split], **kw)}[name]
+    try:
+        if dist.is_main():  # one rank downloads when the files are absent, the others wait
+            try:
+                make(download=False)
+            except RuntimeError:
+                make(download=True)
+        dist.barrier()
+        return make(download=False)
+    except Exception as e:  # no network, or a partial download
+        why = f"{type(e).__name__}: {str(e).splitlines()[0]}" if str(e) else type(e).__name__
+        dist.fail(f"{name} is not in {root} and could not be downloaded ({why}); "
+                        f"download it there or pass --data-dir")
+
+
+class Views(Dataset):
+    """(image, label) -> (view 1, view 2), each sample's augmentation drawn from its own seed."""
+
+    def __init__(self, base, t1, t2):
+        self.base, self.t1, self.t2 = base, t1, t2
+
+    def __len__(self):
+        return len(self.base)
+
+    def __getitem__(self, key):
+        i, seed = key
+        image, _ = self.base[i]
+        with torch.random.fork_rng(devices=[]):  # leave the caller's generator untouched
+            torch.manual_seed(seed)
+            return self.t1(image), self.t2(image)
+
+
+class Transformed(Dataset):
+    def __init__(self, base, transform):
+        self.base, self.transform = base, transform
+
+    def __len__(self):
+        return len(self.base)
+
+    def __getitem__(self, i):
+        image, label = self.base[i]
+        return self.transform(image), label
+
+
+class Sampler(DistributedSampler):
+    """DistributedSampler that can start mid-epoch (`skip` samples of this rank) and yields
+    (index, seed) keys, the seed fixed by (seed, epoch, index)."""
+
+    def __init__(self, data, seed):
+        super().__init__(data, num_replicas=dist.world(), rank=dist.rank(), shuffle=True, seed=seed, drop_last=True)
+        self.skip = 0
+
+    def set_epoch(self, epoch, skip=0):
+        super().set_epoch(epoch)
+        self.skip = skip
+
+    def __iter__(self):
+        for i in list(super().__iter__())[self.skip:]:
+            yield i, hash((self.seed, self.epoch, i)) % 2**62
+
+    def __len__(self):
+        return self.num_samples - self.skip
+
+
+def train_loader(data, batch_size, workers, seed, device):
+    """Loader of two-view batches for pre-training: `batch_size` is global, each rank gets its share."""
+    if batch_size % dist.world():
+        dist.fail(f"--batch-size {batch_size} is not divisible by the {dist.world()} processes; "
+                  f"use a multiple of {dist.world()}")
+    per_rank = batch_size // dist.world()
+    sampler = Sampler(data, seed)
+    if len(sampler) < per_rank:
+        dist.fail(f"the dataset has {len(data)} images, fewer than one batch of {batch_size}; "
+                  f"lower --batch-size or add images")
+    return DataLoader(data, per_rank, sampler=sampler, num_workers=workers, drop_last=True,
+                      pin_memory=device.type == "cuda", persistent_workers=workers > 0)
+
+
+def eval_loader(data, batch_size, workers, device):
+    """This rank's shard of `data` (every W-th sample): every sample exactly once over all ranks."""
+    shard = torch.utils.data.Subset(data, range(len(data))[dist.rank()::dist.world()])
+    return DataLoader(shard, batch_size, num_workers=workers, pin_memory=device.type == "cuda")
