@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torchvision.transforms import v2
 
 from common import cli, data, dist, optim, resnet
-from common.train import Run
+from common.train import Run, fp32
 
 
 # --8<-- [start:args]
@@ -90,7 +90,7 @@ class SimSiam(nn.Module):
         z2 = self.projector(self.backbone(x2))  # (n, dim); each view has its own BN statistics
         p1, p2 = self.predictor(z1), self.predictor(z2)  # (n, dim): p = h(f(x))
         loss = D(p1, z2) / 2 + D(p2, z1) / 2  # Eq. 3: symmetrised loss
-        std_z = F.normalize(z1.detach().float(), dim=1).std(dim=0).mean()  # ≈ 1/√dim when healthy, → 0 on collapse
+        std_z = F.normalize(fp32(z1.detach()), dim=1).std(dim=0).mean()  # ≈ 1/√dim when healthy, → 0 on collapse
         return loss, {"std_z": std_z}
 # --8<-- [end:model]
 
@@ -98,8 +98,8 @@ class SimSiam(nn.Module):
 # --8<-- [start:loss]
 def D(p, z):
     """Eq. 1 with the stop-gradient of Eq. 3: negative cosine similarity, averaged over the batch."""
-    p = F.normalize(p.float(), dim=1)  # p / ‖p‖₂, in float32 under autocast
-    z = F.normalize(z.detach().float(), dim=1)  # stopgrad(z) / ‖z‖₂: z is a constant here
+    p = F.normalize(fp32(p), dim=1)  # p / ‖p‖₂, in float32 under autocast
+    z = F.normalize(fp32(z.detach()), dim=1)  # stopgrad(z) / ‖z‖₂: z is a constant here
     return -(p * z).sum(dim=1).mean()
 # --8<-- [end:loss]
 

@@ -90,10 +90,10 @@ def parse(Args, presets=None, argv=None):
         else:
             parser.add_argument(flag, type=kind, choices=choices, default=None, help=help_text)
     given = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
-    dataset = given.get("dataset", Args.dataset)
+    dataset = given.get("dataset", getattr(Args, "dataset", None))
     values = {**DATASET_DEFAULTS.get(dataset, {}), **presets.get(dataset, {}), **given}
     args = Args(**values)
-    if not args.out:
+    if hasattr(args, "out") and not args.out:
         args.out = f"runs/{method}-{args.dataset}"
     for name in ("epochs", "batch_size", "image_size"):
         if getattr(args, name, 1) < 1:

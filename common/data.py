@@ -22,6 +22,11 @@ SYNTHETIC_SIZE = {"train": 512, "test": 128}
 class DataError(Exception):
     """An unreadable image, found in a loader worker; the training loop reports it as one line."""
 
+    @staticmethod
+    def line(e):
+        """The one-line message, also when a loader worker re-raised it inside a longer text."""
+        return str(e).strip().splitlines()[-1].split("DataError: ")[-1]
+
 
 def normalize(dataset):
     """The per-channel normalisation that ends every pipeline."""
@@ -121,8 +126,9 @@ class Sampler(DistributedSampler):
     """DistributedSampler that can start mid-epoch (`skip` samples of this rank) and yields
     (index, seed) keys, the seed fixed by (seed, epoch, index)."""
 
-    def __init__(self, data, seed):
-        super().__init__(data, num_replicas=dist.world(), rank=dist.rank(), shuffle=True, seed=seed, drop_last=True)
+    def __init__(self, data, seed, num_replicas=None, rank=None):
+        super().__init__(data, num_replicas=num_replicas or dist.world(), rank=dist.rank() if rank is None else rank,
+                         shuffle=True, seed=seed, drop_last=True)
         self.skip = 0
 
     def set_epoch(self, epoch, skip=0):

@@ -46,6 +46,11 @@ def _set_rng_state(state):
         torch.cuda.set_rng_state(state["cuda"])
 
 
+def fp32(x):
+    """Losses run in float32 at least: bf16/fp16 activations from autocast are upcast, float64 stays."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
 def prepare(model, device, compile=False):
     """Move to the device (channels_last on CUDA), global BatchNorm and DDP when distributed, compile."""
     model = model.to(device, memory_format=torch.channels_last if device.type == "cuda" else torch.preserve_format)
@@ -164,7 +169,7 @@ class Run:
             self.knn()
             self.save()
         except data.DataError as e:
-            dist.fail(str(e).strip().splitlines()[-1].split("DataError: ")[-1])
+            dist.fail(data.DataError.line(e))
         if dist.is_main():
             print(f"done: {self.dir / 'backbone.pt'}", flush=True)
         dist.cleanup()

@@ -1,0 +1,155 @@
+"""Shared test helpers: small datasets in the real on-disk formats, gloo process groups, the CLI."""
+import json
+import os
+import pickle
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# --- small datasets in real formats -------------------------------------------------------------
+
+def write_image_folder(root, splits=("train", "test"), classes=3, per_class=8, size=20, seed=0, ext="png"):
+    """An ImageFolder tree: root/<split>/<class>/<i>.<ext>, each class its own mean colour plus noise."""
+    from PIL import Image
+    rng = np.random.default_rng(seed)
+    for split in splits:
+        for c in range(classes):
+            d = Path(root) / split / f"class{c}"
+            d.mkdir(parents=True, exist_ok=True)
+            base = rng.integers(0, 256, 3)
+            for i in range(per_class):
+                pixels = np.clip(base + rng.normal(0, 40, (size, size, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(pixels).save(d / f"{i}.{ext}")
+    return Path(root)
+
+
+def write_cifar10(root, per_batch=20, test=20, seed=0):
+    """CIFAR-10 in torchvision's own layout: cifar-10-batches-py/ with pickled batches."""
+    rng = np.random.default_rng(seed)
+    d = Path(root) / "cifar-10-batches-py"
+    d.mkdir(parents=True, exist_ok=True)
+
+    def batch(n):
+        return {b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8), b"labels": list(rng.integers(0, 10, n))}
+    for i in range(1, 6):
+        (d / f"data_batch_{i}").write_bytes(pickle.dumps(batch(per_batch)))
+    (d / "test_batch").write_bytes(pickle.dumps(batch(test)))
+    names = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+    (d / "batches.meta").write_bytes(pickle.dumps({"label_names": names}))
+    return Path(root)
+
+
+@pytest.fixture(scope="session")
+def image_folder(tmp_path_factory):
+    return write_image_folder(tmp_path_factory.mktemp("folder"))
+
+
+# --- the real command line ----------------------------------------------------------------------
+
+SMALL = ["--image-size", "16", "--batch-size", "8", "--workers", "0", "--log-every", "1", "--device", "cpu"]
+
+
+def env():
+    e = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    e["PYTHONPATH"] = str(ROOT)
+    return e
+
+
+def run_cli(*argv, check=True, timeout=300):
+    """Run `python argv...` in the project root; return the CompletedProcess (text output)."""
+    p = subprocess.run([sys.executable, *map(str, argv)], cwd=ROOT, env=env(), capture_output=True, text=True,
+                       timeout=timeout)
+    if check and p.returncode != 0:
+        raise AssertionError(f"{argv} exited {p.returncode}:\n{p.stdout}\n{p.stderr}")
+    return p
+
+
+def torchrun(*argv, nproc=2, check=True, timeout=300, extra=()):
+    return run_cli("-m", "torch.distributed.run", f"--nproc-per-node={nproc}", "--master-port", free_port(),
+                   *extra, *argv, check=check, timeout=timeout)
+
+
+def metrics(out):
+    return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+
+
+# --- gloo process groups inside a test ------------------------------------------------------------
+
+def _serve(rank, world, port, inbox, outbox):
+    """A rank of a long-lived gloo group: runs fn(rank, world, *args) for each job it is sent."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    from common import dist
+    dist.setup("cpu")
+    while (job := inbox.get()) is not None:
+        fn, args = job
+        try:
+            outbox.put((rank, True, fn(rank, world, *args)))
+        except BaseException:  # sent back to the test, which fails with it
+            import traceback
+            outbox.put((rank, False, traceback.format_exc()))
+    dist.cleanup()
+
+
+class Gloo:
+    """`world` gloo processes started once and reused by every test (each start imports torch)."""
+
+    def __init__(self, world):
+        ctx = torch.multiprocessing.get_context("spawn")
+        self.world, self.outbox = world, ctx.Queue()
+        self.inboxes = [ctx.Queue() for _ in range(world)]
+        port = free_port()
+        self.procs = [ctx.Process(target=_serve, args=(r, world, port, self.inboxes[r], self.outbox), daemon=True)
+                      for r in range(world)]
+        for p in self.procs:
+            p.start()
+
+    def run(self, fn, *args, timeout=240):
+        """fn(rank, world, *args) on every rank; the list of results in rank order."""
+        for q in self.inboxes:
+            q.put((fn, args))
+        results = dict()
+        for _ in range(self.world):
+            rank, ok, value = self.outbox.get(timeout=timeout)
+            if not ok:
+                raise AssertionError(f"rank {rank} failed:\n{value}")
+            results[rank] = value
+        return [results[r] for r in range(self.world)]
+
+    def close(self):
+        for q in self.inboxes:
+            q.put(None)
+        for p in self.procs:
+            p.join(timeout=30)
+            if p.is_alive():
+                p.kill()
+
+
+@pytest.fixture(scope="session")
+def gloo():
+    """gloo(W) -> a Gloo group of W processes, shared by the whole session."""
+    groups = {}
+
+    def get(world):
+        if world not in groups:
+            groups[world] = Gloo(world)
+        return groups[world]
+    yield get
+    for g in groups.values():
+        g.close()

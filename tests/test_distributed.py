@@ -1,0 +1,123 @@
+"""Distributed paths against the single-process result, with real gloo processes on CPU."""
+import pytest
+import torch
+
+import simsiam
+from common import data, dist, evaluate
+
+
+def contrastive_like(x_all, anchors):
+    """A loss whose anchors see every sample: mean over anchors a of logsumexp_j(x_a·x_j)."""
+    return torch.logsumexp(anchors @ x_all.T, dim=1).mean()
+
+
+def _gather_with_grad(rank, world, x):
+    n = len(x) // world
+    mine = x[rank * n:(rank + 1) * n].clone().requires_grad_()
+    everyone = dist.gather_with_grad(mine)  # (N, d), rank order
+    contrastive_like(everyone, mine).backward()
+    return {"gathered": everyone.detach(), "grad": mine.grad}
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_gather_with_grad_gives_the_single_process_gradient(world, gloo):
+    torch.manual_seed(0)
+    x = torch.randn(6, 4, dtype=torch.float64)
+    results = gloo(world).run(_gather_with_grad, x)
+    # One process: the sum of the ranks' losses, each over its own anchors against all samples.
+    x1 = x.clone().requires_grad_()
+    n = len(x) // world
+    sum(contrastive_like(x1, x1[r * n:(r + 1) * n]) for r in range(world)).backward()
+    for r, res in enumerate(results):
+        torch.testing.assert_close(res["gathered"], x, rtol=0, atol=0)
+        torch.testing.assert_close(res["grad"], x1.grad[r * n:(r + 1) * n], rtol=1e-12, atol=1e-12)
+
+
+def _simsiam_step(rank, world, x1, x2, args):
+    torch.manual_seed(0)
+    model = simsiam.build_model(args).double()
+    model = dist.wrap(dist.sync_batchnorm(model, torch.device("cpu")), torch.device("cpu"))
+    n = len(x1) // world
+    loss, _ = model(x1[rank * n:(rank + 1) * n], x2[rank * n:(rank + 1) * n])
+    loss.backward()
+    net = dist.unwrap(model)
+    return {"loss": dist.all_reduce_mean(loss.detach()),
+            "grads": {k: p.grad for k, p in net.named_parameters()},
+            "buffers": {k: b for k, b in net.named_buffers()}}
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_simsiam_step_on_W_ranks_equals_one_process(world, gloo):
+    """W ranks of N/W samples (SyncBN, DDP) give the loss, every parameter gradient and every BN
+    running statistic of one process with all N samples."""
+    args = simsiam.Args(image_size=16, dim=32, pred_dim=8)
+    torch.manual_seed(1)
+    x1, x2 = torch.randn(12, 3, 16, 16, dtype=torch.float64), torch.randn(12, 3, 16, 16, dtype=torch.float64)
+    results = gloo(world).run(_simsiam_step, x1, x2, args)
+    torch.manual_seed(0)
+    model = simsiam.build_model(args).double()
+    loss, _ = model(x1, x2)
+    loss.backward()
+    for res in results:
+        torch.testing.assert_close(res["loss"], loss.detach(), rtol=1e-10, atol=1e-12)
+        for k, p in model.named_parameters():
+            torch.testing.assert_close(res["grads"][k], p.grad, rtol=1e-8, atol=1e-10, msg=k)
+        for k, b in model.named_buffers():
+            torch.testing.assert_close(res["buffers"][k], b, rtol=1e-8, atol=1e-10, msg=k)
+
+
+def _knn(rank, world, memory, memory_labels, queries, labels):
+    class Identity(torch.nn.Module):
+        def forward(self, x):
+            return x
+    pairs = lambda x, y: list(zip(x, y))  # noqa: E731 - a dataset of (feature, label)
+    device = torch.device("cpu")
+    mem = data.eval_loader(pairs(memory, memory_labels), 7, 0, device)
+    test = data.eval_loader(pairs(queries, labels), 5, 0, device)
+    return evaluate.knn(Identity(), mem, test, device, k=5, t=0.1)
+
+
+def test_knn_over_ranks_equals_one_process(gloo):
+    torch.manual_seed(0)
+    memory, queries = torch.randn(41, 8), torch.randn(23, 8)  # sizes that do not divide by 2
+    memory_labels, labels = torch.randint(0, 4, (41,)), torch.randint(0, 4, (23,))
+    single = _knn(0, 1, memory, memory_labels, queries, labels)
+    results = gloo(2).run(_knn, memory, memory_labels, queries, labels)
+    assert results == [single, single]
+    assert 0.0 < single < 1.0
+
+
+def test_sampler_ranks_together_see_the_single_process_batches():
+    """Step s of W ranks covers the same samples, with the same augmentation seeds, as step s of one."""
+    n, batch, world = 40, 8, 2
+    one = list(data.Sampler(range(n), seed=3, num_replicas=1, rank=0))
+    ranks = [list(data.Sampler(range(n), seed=3, num_replicas=world, rank=r)) for r in range(world)]
+    for step in range(n // batch):
+        single = set(one[step * batch:(step + 1) * batch])
+        per_rank = batch // world
+        union = set().union(*[set(r[step * per_rank:(step + 1) * per_rank]) for r in ranks])
+        assert union == single
+
+
+def test_sampler_resumes_mid_epoch_and_reshuffles_each_epoch():
+    s = data.Sampler(range(20), seed=0, num_replicas=1, rank=0)
+    s.set_epoch(1)
+    full = list(s)
+    s.set_epoch(1, skip=6)
+    assert list(s) == full[6:] and len(s) == 14
+    s.set_epoch(2)
+    assert [i for i, _ in s] != [i for i, _ in full]
+    assert len({seed for _, seed in full}) == 20  # every sample its own seed
+
+
+def test_views_are_a_function_of_the_seed_only():
+    from torchvision.transforms import v2
+    base = [(torch.rand(3, 12, 12), 0)]
+    t = v2.Compose([v2.RandomResizedCrop(8, antialias=True), v2.RandomHorizontalFlip()])
+    views = data.Views(base, t, t)
+    a1, a2 = views[(0, 123)]
+    torch.rand(5)  # the caller's generator moves on: no effect on the views
+    b1, b2 = views[(0, 123)]
+    c1, _ = views[(0, 124)]
+    assert torch.equal(a1, b1) and torch.equal(a2, b2) and not torch.equal(a1, c1)
+    assert not torch.equal(a1, a2)  # the two views draw different parameters
