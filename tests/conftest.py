@@ -153,3 +153,9 @@ def gloo():
     yield get
     for g in groups.values():
         g.close()
+
+
+def run_main(module, *argv):
+    """A method's real main() in this process: module.main(cli.parse(Args, PRESETS, argv))."""
+    from common import cli
+    return module.main(cli.parse(module.Args, getattr(module, "PRESETS", {}), [str(a) for a in argv]))

@@ -1,0 +1,70 @@
+"""Exact resume, and checkpoints that survive a kill at any moment."""
+import random
+import subprocess
+import sys
+import time
+
+import torch
+
+import simsiam
+from conftest import ROOT, SMALL, env, run_main
+
+ARGS = ["--epochs", "3", "--knn-every", "-1", *SMALL]
+
+
+def state(out):
+    return torch.load(out / "checkpoint.pt", weights_only=False)
+
+
+def test_interrupted_and_resumed_run_ends_with_the_weights_of_a_straight_run(image_folder, tmp_path):
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    run_main(simsiam, "--dataset", "folder", "--data-dir", image_folder, *ARGS, "--max-steps", "7", "--out", straight)
+    # Interrupted mid-epoch (3 steps per epoch), with other loader workers: per-sample seeds make
+    # the views the same whatever the number of workers.
+    run_main(simsiam, "--dataset", "folder", "--data-dir", image_folder, *ARGS, "--max-steps", "4", "--out", resumed,
+             "--workers", "2")
+    assert state(resumed)["step"] == 4
+    torch.manual_seed(12345)  # whatever the process did in between does not matter
+    run_main(simsiam, "--dataset", "folder", "--data-dir", image_folder, *ARGS, "--max-steps", "7", "--out", resumed)
+    a, b = state(straight), state(resumed)
+    assert a["step"] == b["step"] == 7 and a["epoch"] == b["epoch"] == 2
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    for k, v in a["optimizer"]["state"].items():
+        assert torch.equal(v["momentum_buffer"], b["optimizer"]["state"][k]["momentum_buffer"])
+    sa = torch.load(straight / "backbone.pt", weights_only=True)
+    sb = torch.load(resumed / "backbone.pt", weights_only=True)
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    steps = [r for r in (resumed / "metrics.jsonl").read_text().splitlines() if '"loss"' in r]
+    assert len(steps) == 7  # one row per step, none repeated by the resume
+
+
+WRITER = """
+import sys, torch
+from common.train import save_atomic
+version = 0
+while True:
+    version += 1
+    save_atomic({"version": version, "weights": torch.full((8_000_000,), float(version))}, sys.argv[1])
+"""
+
+
+def test_a_kill_during_a_checkpoint_write_leaves_a_loadable_checkpoint(tmp_path):
+    path = tmp_path / "checkpoint.pt"
+    p = subprocess.Popen([sys.executable, "-c", WRITER, str(path)], cwd=ROOT, env=env())
+    killed_mid_write = False
+    try:
+        deadline = time.time() + 120
+        while not path.exists() and time.time() < deadline:
+            time.sleep(0.05)
+        for _ in range(20):  # kill at a random moment, until one kill lands inside a write
+            time.sleep(random.uniform(0.0, 0.3))
+            if (tmp_path / ".checkpoint.pt.tmp").exists():
+                killed_mid_write = True
+                break
+    finally:
+        p.kill()
+        p.wait()
+    ckpt = torch.load(path, weights_only=False)
+    assert ckpt["version"] >= 1 and torch.all(ckpt["weights"] == ckpt["version"])
+    assert killed_mid_write  # the temporary file was being written when the process died
