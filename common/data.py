@@ -79,18 +79,24 @@ def dataset(name, root, split, image_size=32):
             "cifar100": lambda **kw: tv.CIFAR100(root, train=split != "test", **kw),
             "stl10": lambda **kw: tv.STL10(root, split={"pretrain": "train+unlabeled", "train": "train",
                                                         "test": "test"}[split], **kw)}[name]
-    try:
-        if dist.is_main():  # one rank downloads when the files are absent, the others wait
+    if dist.is_main():  # one rank downloads when the files are absent, the others wait
+        try:
+            make(download=False)
+        except RuntimeError:  # torchvision: "Dataset not found or corrupted"
             try:
-                make(download=False)
-            except RuntimeError:
                 make(download=True)
-        dist.barrier()
+            except Exception as e:  # no network, or a broken download
+                dist.fail(f"{name} is not in {root} and could not be downloaded ({_why(e)}); "
+                          f"download it there or pass --data-dir")
+    dist.barrier()
+    try:
         return make(download=False)
-    except Exception as e:  # no network, or a partial download
-        why = f"{type(e).__name__}: {str(e).splitlines()[0]}" if str(e) else type(e).__name__
-        dist.fail(f"{name} is not in {root} and could not be downloaded ({why}); "
-                        f"download it there or pass --data-dir")
+    except Exception as e:
+        dist.fail(f"cannot read {name} in {root} ({_why(e)}); delete it to download it again, or pass --data-dir")
+
+
+def _why(e):
+    return f"{type(e).__name__}: {str(e).splitlines()[0]}" if str(e) else type(e).__name__
 
 
 class Views(Dataset):

@@ -131,6 +131,9 @@ class Run:
     def save(self):
         """Write OUT/checkpoint.pt and OUT/backbone.pt atomically (rank 0), after checking the losses."""
         self._check_finite()
+        if not torch.stack([p.isfinite().all() for p in self.model.parameters()]).all():
+            dist.fail(f"the weights are not finite after step {self.step}; stopped without saving, so "
+                      f"{self.dir / 'checkpoint.pt'} keeps the last good state (lower --lr)")
         rng = dist.all_gather_object(_rng_state())
         if dist.is_main():
             save_atomic({"method": self.method, "arch": self.args.arch, "args": dataclasses.asdict(self.args),
@@ -197,7 +200,7 @@ class Run:
     def log(self, loss, **stats):
         """Record this step's loss and statistics (tensors stay on the device until the next log line)."""
         bad = ~torch.isfinite(loss.detach())
-        first = torch.where(bad, self.step, -1)
+        first = torch.where(bad, self.step + 1, -1)  # steps count from 1, as printed
         self._first_bad = first if self._first_bad is None else torch.where(self._first_bad >= 0, self._first_bad, first)
         self._logged = {"loss": loss.detach(), **stats}
 

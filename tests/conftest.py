@@ -45,7 +45,7 @@ def write_cifar10(root, per_batch=20, test=20, seed=0):
     d.mkdir(parents=True, exist_ok=True)
 
     def batch(n):
-        return {b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8), b"labels": list(rng.integers(0, 10, n))}
+        return {"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8), "labels": [int(y) for y in rng.integers(0, 10, n)]}
     for i in range(1, 6):
         (d / f"data_batch_{i}").write_bytes(pickle.dumps(batch(per_batch)))
     (d / "test_batch").write_bytes(pickle.dumps(batch(test)))

@@ -1,0 +1,157 @@
+"""Bad input ends with one clear line, a non-zero exit, no traceback, and the last checkpoint intact."""
+import shutil
+
+import pytest
+import torch
+
+import simsiam
+from conftest import SMALL, run_cli, run_main, torchrun, write_image_folder
+
+TINY = ["--epochs", "2", "--knn-every", "-1", *SMALL]
+
+
+def fails(*argv):
+    """Run simsiam's main in-process; return the one-line message it exits with."""
+    with pytest.raises(SystemExit) as e:
+        run_main(simsiam, *argv)
+    message = str(e.value.code)
+    assert e.value.code not in (0, None) and message.startswith("error: ") and "\n" not in message, message
+    return message
+
+
+def one_line_error(p):
+    """A real process's failure: exit status non-zero, stderr one line, no traceback."""
+    assert p.returncode != 0
+    assert "Traceback" not in p.stderr, p.stderr
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(("error:", "simsiam.py: error:")), p.stderr
+    return lines[0]
+
+
+@pytest.fixture
+def trained(image_folder, tmp_path):
+    """A run directory holding a checkpoint after 2 steps; returns (out, checkpoint bytes)."""
+    out = tmp_path / "run"
+    run_main(simsiam, "--dataset", "folder", "--data-dir", image_folder, *TINY, "--max-steps", "2", "--out", out)
+    return out, (out / "checkpoint.pt").read_bytes()
+
+
+# --- through the real process -----------------------------------------------------------------------
+
+def test_unknown_flag_value():
+    line = one_line_error(run_cli("simsiam.py", "--dataset", "mnist", check=False))
+    assert "invalid choice: 'mnist'" in line and "cifar10" in line and "--help" in line
+
+
+def test_unreadable_image_inside_a_loader_worker(tmp_path):
+    root = write_image_folder(tmp_path / "imgs", per_class=4)
+    (root / "train" / "class1" / "2.png").write_bytes(b"not an image")
+    p = run_cli("simsiam.py", "--dataset", "folder", "--data-dir", root, *TINY, "--workers", "2",
+                "--out", tmp_path / "run", check=False)
+    line = one_line_error(p)
+    assert "cannot read image" in line and "2.png" in line
+
+
+def test_batch_not_divisible_by_the_world_size(image_folder, tmp_path):
+    p = torchrun("simsiam.py", "--dataset", "folder", "--data-dir", image_folder, *TINY, "--batch-size", "7",
+                 "--out", tmp_path, check=False)
+    assert p.returncode != 0
+    ours = [line for line in p.stderr.splitlines() if line.startswith("error:")]
+    assert ours == ["error: --batch-size 7 is not divisible by the 2 processes; use a multiple of 2"]
+    assert "simsiam.py\", line" not in p.stderr and "common/" not in p.stderr  # torchrun reports, we don't trace
+
+
+# --- in-process: the same main(), the same SystemExit -------------------------------------------------
+
+@pytest.mark.parametrize("argv, expected", [
+    (["--arch", "vgg16"], "argument --arch: invalid choice: 'vgg16'"),
+    (["--epochs", "x"], "argument --epochs: invalid int value: 'x'"),
+    (["--batch-size", "0"], "--batch-size must be at least 1"),
+    (["--no-such-flag"], "unrecognized arguments: --no-such-flag"),
+])
+def test_bad_flags(argv, expected, capsys):
+    with pytest.raises(SystemExit) as e:
+        run_main(simsiam, *argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("simsiam.py: error: ") and expected in err, err
+
+
+def test_missing_and_empty_datasets(tmp_path):
+    assert "has no train/ folder" in fails("--dataset", "folder", "--data-dir", tmp_path / "nowhere", *TINY,
+                                           "--out", tmp_path / "a")
+    (tmp_path / "empty" / "train" / "class0").mkdir(parents=True)
+    assert "no images found" in fails("--dataset", "folder", "--data-dir", tmp_path / "empty", *TINY,
+                                      "--out", tmp_path / "b")
+
+
+def test_dataset_smaller_than_one_batch(image_folder, tmp_path):
+    assert "fewer than one batch" in fails("--dataset", "folder", "--data-dir", image_folder, *TINY,
+                                           "--batch-size", "64", "--out", tmp_path)
+
+
+def test_unwritable_run_directory(image_folder, tmp_path):
+    (tmp_path / "file").write_text("a file where a directory should be")
+    message = fails("--dataset", "folder", "--data-dir", image_folder, *TINY, "--out", tmp_path / "file" / "run")
+    assert "cannot write to the run directory" in message and "--out" in message
+
+
+def test_checkpoint_of_another_architecture_or_method(trained, image_folder):
+    out, before = trained
+    message = fails("--dataset", "folder", "--data-dir", image_folder, *TINY, "--arch", "resnet50", "--out", out)
+    assert "simsiam resnet18 checkpoint, not simsiam resnet50" in message
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=False)
+    ckpt["method"] = "byol"
+    torch.save(ckpt, out / "checkpoint.pt")
+    assert "byol resnet18 checkpoint, not simsiam" in fails("--dataset", "folder", "--data-dir", image_folder,
+                                                            *TINY, "--out", out)
+    ckpt["method"] = "simsiam"
+    torch.save(ckpt, out / "checkpoint.pt")
+    assert "does not fit this model" in fails("--dataset", "folder", "--data-dir", image_folder, *TINY,
+                                              "--pred-dim", "64", "--out", out)
+
+
+def test_corrupt_checkpoint(trained, image_folder):
+    out, _ = trained
+    (out / "checkpoint.pt").write_bytes(b"garbage")
+    assert "cannot read" in fails("--dataset", "folder", "--data-dir", image_folder, *TINY, "--out", out)
+    assert (out / "checkpoint.pt").read_bytes() == b"garbage"  # left for the user to inspect
+
+
+def test_no_resume_never_overwrites_a_checkpoint(trained, image_folder):
+    out, before = trained
+    assert "--no-resume" in fails("--dataset", "folder", "--data-dir", image_folder, *TINY, "--no-resume",
+                                  "--out", out)
+    assert (out / "checkpoint.pt").read_bytes() == before
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(image_folder, tmp_path):
+    out, small = tmp_path / "run", [*TINY, "--batch-size", "4"]  # 6 steps per epoch: no epoch end below
+    run_main(simsiam, "--dataset", "folder", "--data-dir", image_folder, *small, "--max-steps", "2", "--out", out)
+    before, backbone = (out / "checkpoint.pt").read_bytes(), (out / "backbone.pt").read_bytes()
+    message = fails("--dataset", "folder", "--data-dir", image_folder, *small, "--max-steps", "6", "--lr", "1e30",
+                    "--out", out)
+    assert "the loss is not finite at step" in message and "checkpoint.pt keeps the last good state" in message
+    step = int(message.split("at step ")[1].split(";")[0])
+    assert 3 <= step <= 6
+    assert (out / "checkpoint.pt").read_bytes() == before and (out / "backbone.pt").read_bytes() == backbone
+    rows = (out / "metrics.jsonl").read_text().splitlines()
+    assert all("NaN" not in r and "Infinity" not in r for r in rows)  # nothing non-finite was logged
+
+
+def test_non_finite_weights_are_never_saved(tmp_path):
+    """Weights that an update made non-finite, found at a checkpoint: that checkpoint is not written."""
+    from common import cli
+    from common.train import Run
+    run = Run(cli.parse(simsiam.Args, {}, ["--out", str(tmp_path), *TINY]))
+    model = simsiam.build_model(run.args)
+    run.watch(model, torch.optim.SGD(model.parameters(), lr=0.1), model.backbone)
+    run.save()
+    before = (tmp_path / "checkpoint.pt").read_bytes()
+    run.step = 1
+    with torch.no_grad():
+        model.predictor[0].weight[0, 0] = float("inf")
+    with pytest.raises(SystemExit) as e:
+        run.save()
+    assert "the weights are not finite after step 1" in str(e.value.code)
+    assert (tmp_path / "checkpoint.pt").read_bytes() == before
