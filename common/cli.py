@@ -44,7 +44,7 @@ class System:
     log_every: int = 50  # steps between progress lines and metrics.jsonl rows
     amp: bool = True  # bf16 autocast on CUDA (the losses stay float32)
     compile: bool = False  # torch.compile the model
-    device: str = "auto"  # auto (cuda when available), cuda or cpu
+    device: typing.Literal["auto", "cuda", "cpu"] = "auto"  # auto: cuda when available
 
 
 class _Parser(argparse.ArgumentParser):

@@ -35,9 +35,9 @@ def normalize(dataset):
 
 
 def eval_transform(dataset, image_size):
-    """No augmentation: small images as they are, large ones resized and centre-cropped."""
-    resize = [] if image_size <= 64 else [v2.Resize(image_size * 256 // 224)]
-    return v2.Compose([*resize, v2.Resize(image_size), v2.CenterCrop(image_size), normalize(dataset)])
+    """No augmentation: resize (to 256/224 of the crop for large images) and centre-crop."""
+    resize = image_size if image_size <= 64 else image_size * 256 // 224
+    return v2.Compose([v2.Resize(resize), v2.CenterCrop(image_size), normalize(dataset)])
 
 
 def _folder(root, split):
@@ -48,12 +48,12 @@ def _folder(root, split):
             break
     else:
         dist.fail(f"{root} has no {' or '.join(n + '/' for n in names)} folder; --dataset folder/imagenet "
-                        f"expect train/ and val/ (or test/) in ImageFolder layout (one folder per class)")
+                  f"expect train/ and val/ (or test/) in ImageFolder layout (one folder per class)")
     try:
         return torchvision.datasets.ImageFolder(path, loader=_load_rgb)
     except (FileNotFoundError, OSError) as e:
         dist.fail(f"no images found in {path} ({str(e).splitlines()[0]}); put one folder per class "
-                        f"with .jpg/.png files in it")
+                  f"with .jpg/.png files in it")
 
 
 def _load_rgb(path):

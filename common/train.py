@@ -72,7 +72,7 @@ class Run:
         random.seed(args.seed)
         self.dir = Path(args.out)
         self.step = self.epoch = 0
-        self._logged, self._first_bad, self._last = {}, None, None
+        self._logged, self._first_bad = {}, None
         self._knn_data = None
         if dist.is_main():
             try:
@@ -110,6 +110,9 @@ class Run:
         if ckpt.get("method") != self.method or ckpt.get("arch") != self.args.arch:
             dist.fail(f"{path} is a {ckpt.get('method')} {ckpt.get('arch')} checkpoint, not {self.method} "
                       f"{self.args.arch}; pass another --out")
+        if ckpt["args"]["batch_size"] != self.args.batch_size:
+            dist.fail(f"{path} was trained with --batch-size {ckpt['args']['batch_size']}; resume with the same "
+                      f"global batch (any number of processes), or pass another --out")
         try:
             self.model.load_state_dict(ckpt["model"])
             self.optimizer.load_state_dict(ckpt["optimizer"])

@@ -72,3 +72,36 @@ def test_help_lists_the_contract_flags():
                  "--seed", "--log-every", "--amp", "--compile", "--pred-dim", "--fix-pred-lr"]:
         assert flag in p.stdout, flag
     assert "App. D" in p.stdout  # help text comes from the comments naming each default's source
+
+
+def test_presets_by_dataset_and_explicit_flags_win():
+    import simsiam
+    from common import cli
+    a = cli.parse(simsiam.Args, simsiam.PRESETS, [])
+    assert (a.arch, a.image_size, a.epochs, a.lr, a.wd, a.proj_layers, a.blur, a.fix_pred_lr) == \
+        ("resnet18", 32, 800, 0.03, 5e-4, 2, False, False)  # paper App. D, CIFAR-10
+    assert a.out == "runs/simsiam-cifar10"
+    a = cli.parse(simsiam.Args, simsiam.PRESETS, ["--dataset", "imagenet"])
+    assert (a.arch, a.image_size, a.epochs, a.lr, a.wd, a.proj_layers, a.blur, a.fix_pred_lr) == \
+        ("resnet50", 224, 100, 0.05, 1e-4, 3, True, True)  # paper §4, ImageNet
+    a = cli.parse(simsiam.Args, simsiam.PRESETS, ["--dataset", "imagenet", "--epochs", "5", "--no-blur",
+                                                  "--arch", "resnet18"])
+    assert (a.epochs, a.blur, a.arch, a.lr) == (5, False, "resnet18", 0.05)
+    assert cli.parse(simsiam.Args, simsiam.PRESETS, ["--dataset", "stl10"]).image_size == 96
+
+
+def test_models_of_both_recipes_have_the_papers_shapes():
+    import simsiam
+    from common import cli
+    cifar = simsiam.build_model(cli.parse(simsiam.Args, simsiam.PRESETS, []))
+    assert cifar.backbone.conv1.kernel_size == (3, 3) and isinstance(cifar.backbone.maxpool, torch.nn.Identity)
+    linears = [m for m in cifar.projector if isinstance(m, torch.nn.Linear)]
+    assert [(m.in_features, m.out_features) for m in linears] == [(512, 2048), (2048, 2048)]
+    assert not cifar.projector[-1].affine  # last BN without affine
+    assert [(m.in_features, m.out_features, m.bias is not None) for m in cifar.predictor
+            if isinstance(m, torch.nn.Linear)] == [(2048, 512, False), (512, 2048, True)]
+    assert all(torch.all(b.bn2.weight == 0) for b in [cifar.backbone.layer1[0], cifar.backbone.layer4[1]])
+    imagenet = simsiam.build_model(cli.parse(simsiam.Args, simsiam.PRESETS, ["--dataset", "imagenet"]))
+    assert imagenet.backbone.conv1.kernel_size == (7, 7)
+    assert [(m.in_features, m.out_features) for m in imagenet.projector if isinstance(m, torch.nn.Linear)] == \
+        [(2048, 2048)] * 3

@@ -111,6 +111,13 @@ def test_checkpoint_of_another_architecture_or_method(trained, image_folder):
                                               "--pred-dim", "64", "--out", out)
 
 
+def test_resume_with_another_global_batch(trained, image_folder):
+    out, before = trained
+    message = fails("--dataset", "folder", "--data-dir", image_folder, *TINY, "--batch-size", "4", "--out", out)
+    assert "trained with --batch-size 8" in message
+    assert (out / "checkpoint.pt").read_bytes() == before
+
+
 def test_corrupt_checkpoint(trained, image_folder):
     out, _ = trained
     (out / "checkpoint.pt").write_bytes(b"garbage")
