@@ -12,7 +12,9 @@ import dataclasses
 import json
 import os
 import random
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -30,6 +32,22 @@ def save_atomic(obj, path):
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def _sigint_deferred():
+    """Hold Ctrl-C back while checkpoint files are written; it takes effect right after."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught = []
+    previous = signal.signal(signal.SIGINT, lambda *a: caught.append(a))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if caught:
+        raise KeyboardInterrupt
 
 
 def _rng_state():
@@ -139,12 +157,13 @@ class Run:
                       f"{self.dir / 'checkpoint.pt'} keeps the last good state (lower --lr)")
         rng = dist.all_gather_object(_rng_state())
         if dist.is_main():
-            save_atomic({"method": self.method, "arch": self.args.arch, "args": dataclasses.asdict(self.args),
-                         "step": self.step, "epoch": self.epoch, "rng": rng,
-                         "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                         **{name: obj.state_dict() for name, obj in self.extra.items()}},
-                        self.dir / "checkpoint.pt")
-            save_atomic(self.backbone.state_dict(), self.dir / "backbone.pt")
+            with _sigint_deferred():
+                save_atomic({"method": self.method, "arch": self.args.arch, "args": dataclasses.asdict(self.args),
+                             "step": self.step, "epoch": self.epoch, "rng": rng,
+                             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                             **{name: obj.state_dict() for name, obj in self.extra.items()}},
+                            self.dir / "checkpoint.pt")
+                save_atomic(self.backbone.state_dict(), self.dir / "backbone.pt")
         dist.barrier()
 
     # --- the loop ----------------------------------------------------------------------------------
@@ -176,6 +195,11 @@ class Run:
             self.save()
         except data.DataError as e:
             dist.fail(data.DataError.line(e))
+        except KeyboardInterrupt:
+            ckpt = self.dir / "checkpoint.pt"
+            raise SystemExit(f"interrupted at step {self.step}; " + (
+                f"the same command resumes from {ckpt} (the last epoch end)" if ckpt.exists()
+                else "no checkpoint was written yet")) from None
         if dist.is_main():
             print(f"done: {self.dir / 'backbone.pt'}", flush=True)
         dist.cleanup()

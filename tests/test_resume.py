@@ -1,5 +1,6 @@
 """Exact resume, and checkpoints that survive a kill at any moment."""
 import random
+import signal
 import subprocess
 import sys
 import time
@@ -68,3 +69,20 @@ def test_a_kill_during_a_checkpoint_write_leaves_a_loadable_checkpoint(tmp_path)
     ckpt = torch.load(path, weights_only=False)
     assert ckpt["version"] >= 1 and torch.all(ckpt["weights"] == ckpt["version"])
     assert killed_mid_write  # the temporary file was being written when the process died
+
+
+def test_ctrl_c_ends_with_one_line_and_a_whole_checkpoint(tmp_path):
+
+    out = tmp_path / "run"
+    argv = [sys.executable, "simsiam.py", "--dataset", "synthetic", "--epochs", "50", *SMALL, "--batch-size", "64",
+            "--knn-every", "-1", "--out", str(out)]
+    p = subprocess.Popen(argv, cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 200
+    while not (out / "checkpoint.pt").exists() and time.time() < deadline:  # the first epoch end (8 steps)
+        time.sleep(0.2)
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode != 0 and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1 and "interrupted at step" in err and "resumes from" in err, err
+    step = state(out)["step"]
+    assert step >= 8 and step % 8 == 0
