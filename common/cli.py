@@ -92,7 +92,7 @@ def parse(Args, presets=None, argv=None):
     given = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
     dataset = given.get("dataset", getattr(Args, "dataset", None))
     values = {**DATASET_DEFAULTS.get(dataset, {}), **presets.get(dataset, {}), **given}
-    args = Args(**values)
+    args = Args(**{k: v for k, v in values.items() if k in hints})
     if hasattr(args, "out") and not args.out:
         args.out = f"runs/{method}-{args.dataset}"
     for name in ("epochs", "batch_size", "image_size"):

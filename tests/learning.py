@@ -1,12 +1,23 @@
-"""The learning check on real images: a short CPU run must lift kNN top-1 well above the same network
-whose weights never moved.
+"""Learning checks on real images: a per-class subset of the real CIFAR-10 (the JPEG copy in
+../shared/data), ResNet-18 with the CIFAR stem, 16 px by default, on the CPU by default.
 
-    python -m tests.learning simsiam            # prints the two numbers (about 2 minutes on 2 cores)
+* The short check (tests/test_learning.py, in the suite): a minute of training on real images makes
+  the loss fall by a method-specific amount without collapse and leaves kNN top-1 well above chance.
+  It catches a broken pipeline, a wrong sign or a frozen model; it does not show that the
+  representation got better.
+* The kNN check (this command): a run must lift kNN top-1 by GAIN points above a control, the same
+  run with --lr 0, whose weights stay at their initialisation while BatchNorm's running statistics
+  adapt to the data, so that the gain comes from learning and not from BN statistics:
 
-Data: a per-class subset of the real CIFAR-10 (JPEG copy in ../shared/data). The control is the same
-command with --lr 0 for one epoch: the weights stay at their initialisation while BatchNorm's running
-statistics adapt to the data, so any gain of the trained run over it comes from learning, not from
-BN statistics. Each method adds its small configuration to CONFIGS.
+      python -m tests.learning simsiam                                   # the CPU configuration
+      python -m tests.learning simsiam --device cuda --image-size 32 --train-per-class 5000 --epochs 30
+
+  On 2 CPU cores SimSiam does not get there: with the CPU configuration (10,000 images at 16 px,
+  780 steps of 128, about 20 minutes) kNN top-1 stays within about 2 points of the control
+  (README, "Measured"). Non-contrastive methods start slowly, and random convolutional features
+  are a strong kNN baseline on small images. Run it on a GPU with the second line.
+
+Each method adds its configurations to CONFIGS.
 """
 import argparse
 import collections
@@ -17,17 +28,22 @@ import tempfile
 from pathlib import Path
 
 TARBALL = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-jpeg.tar.gz"
-PER_CLASS = {"train": 200, "test": 50}
-COMMON = ["--dataset", "folder", "--image-size", "16", "--workers", "2", "--knn-k", "20", "--log-every", "5",
+COMMON = ["--dataset", "folder", "--image-size", "16", "--workers", "2", "--knn-k", "20", "--log-every", "1",
           "--knn-every", "0", "--device", "cpu", "--seed", "0"]
 
-# method -> (flags of the short run, minimum gain in kNN top-1 over the control, in points)
 CONFIGS = {
-    "simsiam": (["--epochs", "5", "--batch-size", "128", "--lr", "0.1", "--dim", "512", "--pred-dim", "128"], 5.0),
+    "simsiam": {
+        "short": ["--epochs", "2", "--batch-size", "64", "--lr", "0.2", "--dim", "512", "--pred-dim", "128"],
+        "loss_drop": 0.15,  # the loss starts near 0 (random p, z): it must reach −0.15 or lower
+        "knn": ["--epochs", "10", "--batch-size", "128", "--lr", "0.1", "--dim", "512", "--pred-dim", "128"],
+        "gain": 3.0,
+    },
 }
+SHORT_DATA = {"train": 200, "test": 50}  # images per class
+KNN_DATA = {"train": 1000, "test": 100}
 
 
-def extract_subset(dest, tarball=TARBALL, per_class=PER_CLASS):
+def extract_subset(dest, per_class, tarball=TARBALL):
     """The first `per_class[split]` images of each class, in ImageFolder layout; returns the root."""
     root = Path(dest) / "cifar10"
     if (root / ".complete").exists():
@@ -43,32 +59,42 @@ def extract_subset(dest, tarball=TARBALL, per_class=PER_CLASS):
     return root
 
 
-def knn_of(module, flags, out):
+def train(method, flags, data_root, out):
+    """Run the method's real main() in this process; return its metrics rows."""
     from common import cli
-    module.main(cli.parse(module.Args, getattr(module, "PRESETS", {}), [*map(str, flags), "--out", str(out)]))
-    rows = [json.loads(r) for r in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+    module = importlib.import_module(method)
+    argv = [*COMMON, "--data-dir", str(data_root), *flags, "--out", str(out)]
+    module.main(cli.parse(module.Args, getattr(module, "PRESETS", {}), argv))
+    return [json.loads(r) for r in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+
+
+def knn_top1(rows):
     return 100 * [r for r in rows if "knn_top1" in r][-1]["knn_top1"]
 
 
-def check(method, data_root, workdir):
-    """Return (control kNN top-1, trained kNN top-1, required gain), in points."""
-    module = importlib.import_module(method)
-    flags, gain = CONFIGS[method]
-    base = [*COMMON, "--data-dir", data_root, *flags]
-    control = knn_of(module, [*base, "--lr", "0", "--epochs", "1"], Path(workdir) / "control")
-    trained = knn_of(module, base, Path(workdir) / "trained")
-    return control, trained, gain
+def knn_check(method, data_root, workdir, extra=()):
+    """(control kNN top-1, trained kNN top-1, required gain), in points."""
+    config = CONFIGS[method]
+    control = knn_top1(train(method, [*config["knn"], *extra, "--lr", "0", "--max-steps", "30"], data_root,
+                             Path(workdir) / "control"))
+    trained = knn_top1(train(method, [*config["knn"], *extra], data_root, Path(workdir) / "trained"))
+    return control, trained, config["gain"]
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("methods", nargs="+", choices=sorted(CONFIGS))
     parser.add_argument("--tarball", default=str(TARBALL))
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--image-size", type=int, default=16)
+    parser.add_argument("--train-per-class", type=int, default=KNN_DATA["train"])
+    parser.add_argument("--epochs", type=int, help="override the configuration's epochs")
     a = parser.parse_args()
+    extra = ["--device", a.device, "--image-size", str(a.image_size), *(["--epochs", str(a.epochs)] if a.epochs else [])]
     with tempfile.TemporaryDirectory() as tmp:
-        root = extract_subset(tmp, a.tarball)
+        root = extract_subset(tmp, {**KNN_DATA, "train": a.train_per_class}, a.tarball)
         for m in a.methods:
-            control, trained, gain = check(m, root, Path(tmp) / m)
+            control, trained, gain = knn_check(m, root, Path(tmp) / m, extra)
             verdict = "ok" if trained - control >= gain else "FAILED"
             print(f"{m}: kNN top-1 {control:.1f}% with the weights at init, {trained:.1f}% trained "
-                  f"(+{trained - control:.1f} points, {gain:.0f} needed): {verdict}")
+                  f"(+{trained - control:.1f} points, {gain:.0f} needed): {verdict}", flush=True)
