@@ -1,13 +1,14 @@
 """Exact resume, and checkpoints that survive a kill at any moment."""
+import importlib
 import random
 import signal
 import subprocess
 import sys
 import time
 
+import pytest
 import torch
 
-import simsiam
 from conftest import ROOT, SMALL, env, run_main
 
 ARGS = ["--epochs", "3", "--knn-every", "-1", *SMALL]
@@ -17,22 +18,25 @@ def state(out):
     return torch.load(out / "checkpoint.pt", weights_only=False)
 
 
-def test_interrupted_and_resumed_run_ends_with_the_weights_of_a_straight_run(image_folder, tmp_path):
+@pytest.mark.parametrize("method", ["simsiam", "simclr"])
+def test_interrupted_and_resumed_run_ends_with_the_weights_of_a_straight_run(method, image_folder, tmp_path):
+    module = importlib.import_module(method)
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    run_main(simsiam, "--dataset", "folder", "--data-dir", image_folder, *ARGS, "--max-steps", "7", "--out", straight)
+    run_main(module, "--dataset", "folder", "--data-dir", image_folder, *ARGS, "--max-steps", "7", "--out", straight)
     # Interrupted mid-epoch (3 steps per epoch), with other loader workers: per-sample seeds make
     # the views the same whatever the number of workers.
-    run_main(simsiam, "--dataset", "folder", "--data-dir", image_folder, *ARGS, "--max-steps", "4", "--out", resumed,
+    run_main(module, "--dataset", "folder", "--data-dir", image_folder, *ARGS, "--max-steps", "4", "--out", resumed,
              "--workers", "2")
     assert state(resumed)["step"] == 4
     torch.manual_seed(12345)  # whatever the process did in between does not matter
-    run_main(simsiam, "--dataset", "folder", "--data-dir", image_folder, *ARGS, "--max-steps", "7", "--out", resumed)
+    run_main(module, "--dataset", "folder", "--data-dir", image_folder, *ARGS, "--max-steps", "7", "--out", resumed)
     a, b = state(straight), state(resumed)
     assert a["step"] == b["step"] == 7 and a["epoch"] == b["epoch"] == 2
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
-    for k, v in a["optimizer"]["state"].items():
-        assert torch.equal(v["momentum_buffer"], b["optimizer"]["state"][k]["momentum_buffer"])
+    for k, v in a["optimizer"]["state"].items():  # momentum buffers (SGD) or μ (LARS)
+        assert v.keys() == b["optimizer"]["state"][k].keys()
+        assert all(torch.equal(torch.as_tensor(t), torch.as_tensor(b["optimizer"]["state"][k][n])) for n, t in v.items())
     sa = torch.load(straight / "backbone.pt", weights_only=True)
     sb = torch.load(resumed / "backbone.pt", weights_only=True)
     assert all(torch.equal(sa[k], sb[k]) for k in sa)

@@ -1,0 +1,150 @@
+"""SimCLR: A Simple Framework for Contrastive Learning of Visual Representations.
+Ting Chen, Simon Kornblith, Mohammad Norouzi, Geoffrey Hinton. ICML 2020. arXiv:2002.05709.
+
+Two views of each image go through the same encoder f and projection head g; each view must pick
+out its partner among all 2N views of the batch (the NT-Xent loss), the other 2(N−1) views being
+its negatives. Large batches, strong colour distortion and a nonlinear head are what make it work.
+
+    uv run simclr.py                                     # CIFAR-10, the official README's recipe
+    uv run simclr.py --dataset imagenet --data-dir DIR   # the paper's ImageNet recipe
+    torchrun --nproc-per-node 8 simclr.py                # 8 GPUs: --batch-size stays global
+    torchrun --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500 simclr.py
+
+Docs: docs/simclr.md (each section below beside the paper's equations).
+"""
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torchvision.transforms import v2
+
+from common import cli, data, dist, optim, resnet
+from common.train import Run, fp32
+
+
+# --8<-- [start:args]
+@dataclass
+class Args(cli.System):
+    epochs: int = 1000  # CIFAR-10: 1000 epochs; official README
+    batch_size: int = 512  # N, global over all ranks; CIFAR-10: official README
+    lr: float = 1.0  # base lr, scaled lr × N/256 (linear scaling, App. B.1); CIFAR-10: official README
+    wd: float = 1e-4  # weight decay, BN and biases excluded; CIFAR-10: official README (ImageNet 1e-6)
+    tau: float = 0.5  # τ in Eq. 1; CIFAR-10: official README (ImageNet 0.1)
+    warmup_epochs: int = 10  # linear warmup, then cosine per step; paper §4 / App. B.1
+    dim: int = 128  # output dim of the projection head g; paper App. B.2
+    s: float = 0.5  # colour distortion strength; CIFAR-10: official README (ImageNet 1.0)
+    blur: bool = False  # CIFAR-10: no Gaussian blur at 32 px; official README
+    crop_min: float = 0.08  # smallest crop area; paper App. A
+
+
+PRESETS = {  # the paper's ImageNet recipe: ResNet-50, LARS lr 0.3 × N/256, wd 1e-6, τ 0.1, N 4096 (1000 epochs for 69.3)
+    "imagenet": dict(arch="resnet50", epochs=100, batch_size=4096, lr=0.3, wd=1e-6, tau=0.1, s=1.0, blur=True),
+}
+# --8<-- [end:args]
+
+
+# --8<-- [start:augment]
+def augment(args):
+    """One view: random crop and resize (bicubic), flip, colour distortion of strength s; App. A."""
+    kernel = (args.image_size // 10) // 2 * 2 + 1  # ≈ 10% of the side, odd; App. A
+    blur = [v2.RandomApply([v2.GaussianBlur(kernel, sigma=(0.1, 2.0))], p=0.5)] if args.blur else []
+    s = args.s
+    return v2.Compose([
+        v2.RandomResizedCrop(args.image_size, scale=(args.crop_min, 1.0), antialias=True,
+                             interpolation=v2.InterpolationMode.BICUBIC),
+        v2.RandomHorizontalFlip(),
+        v2.RandomApply([v2.ColorJitter(0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s)], p=0.8),
+        v2.RandomGrayscale(p=0.2),
+        *blur,
+        # differs from paper: inputs are normalised by the dataset's mean and std (the TF code feeds
+        # pixels in [0, 1]); the BN after the first convolution absorbs the difference.
+        data.normalize(args.dataset),
+    ])
+# --8<-- [end:augment]
+
+
+# --8<-- [start:model]
+def projection_head(in_dim, dim):
+    """g: Linear → BN → ReLU → Linear → BN without β, linear layers bias-free; §2.1 and the official code."""
+    last_bn = nn.BatchNorm1d(dim)
+    last_bn.bias.requires_grad_(False)  # BN with γ but no β ("center=False" in the TF code): β stays 0
+    return nn.Sequential(nn.Linear(in_dim, in_dim, bias=False), nn.BatchNorm1d(in_dim), nn.ReLU(inplace=True),
+                         nn.Linear(in_dim, dim, bias=False), last_bn)
+
+
+class SimCLR(nn.Module):
+    def __init__(self, args):
+        super().__init__()
+        # torchvision ResNet, the last BN γ of each residual block zero-initialised as the official code
+        self.backbone = resnet.resnet(args.arch, resnet.uses_cifar_stem(args.image_size), zero_init_residual=True)
+        self.projector = projection_head(self.backbone.dim, args.dim)
+        self.tau = args.tau
+
+    def forward(self, x1, x2):  # Alg. 1
+        z1 = self.projector(self.backbone(x1))  # (n, dim): z = g(f(x)), n = N / world on this rank
+        z2 = self.projector(self.backbone(x2))  # (n, dim)
+        # Negatives come from every rank: gather with gradient, so 1 GPU and W GPUs agree exactly.
+        z1_all, z2_all = dist.gather_with_grad(z1), dist.gather_with_grad(z2)  # (N, dim)
+        loss = nt_xent(z1, z2, self.tau, z1_all, z2_all, start=dist.rank() * len(z1))
+        pos_sim = F.cosine_similarity(z1.detach(), z2.detach()).mean()
+        return loss, {"pos_sim": pos_sim}
+# --8<-- [end:model]
+
+
+# --8<-- [start:loss]
+def nt_xent(z1, z2, tau, z1_all=None, z2_all=None, start=0):
+    """Eq. 1 and Alg. 1: L = 1/(2N) Σ_k [ℓ(2k−1, 2k) + ℓ(2k, 2k−1)], with
+    ℓ(i, j) = −log exp(sim(z_i, z_j)/τ) / Σ_{k≠i} exp(sim(z_i, z_k)/τ).
+
+    z1, z2: this rank's two views (n, d), the anchors; z1_all, z2_all: the views of all ranks (N, d),
+    the candidates (default: z1, z2); start: where z1[0] sits in z1_all. Returns this rank's mean over
+    its 2n anchors, whose mean over ranks is L."""
+    z1_all = z1 if z1_all is None else z1_all
+    z2_all = z2 if z2_all is None else z2_all
+    n, N = len(z1), len(z1_all)
+    with torch.autocast(z1.device.type, enabled=False):  # the loss in float32 even under bf16 autocast
+        anchors = F.normalize(fp32(torch.cat([z1, z2])), dim=1)  # (2n, d); sim = cosine similarity
+        candidates = F.normalize(fp32(torch.cat([z1_all, z2_all])), dim=1)  # (2N, d)
+        logits = anchors @ candidates.T / tau  # (2n, 2N): sim(z_i, z_k)/τ
+        i = torch.arange(n, device=z1.device) + start  # global index of each local sample
+        self_index = torch.cat([i, i + N])  # where each anchor meets itself among the candidates
+        positive = torch.cat([i + N, i])  # its partner view: z1 ↔ z2 of the same image
+        logits[torch.arange(2 * n, device=z1.device), self_index] = float("-inf")  # k ≠ i in the denominator
+        return F.cross_entropy(logits, positive)  # mean over the 2n anchors of −log softmax at the positive
+# --8<-- [end:loss]
+
+
+def build_model(args):
+    return SimCLR(args)
+
+
+def main(args):
+    run = Run(args)  # torchrun set-up, seeds, run directory
+    views = data.Views(data.dataset(args.dataset, args.data_dir, "pretrain", args.image_size),
+                       augment(args), augment(args))  # two views from the same family of augmentations
+    loader = data.train_loader(views, args.batch_size, args.workers, args.seed, run.device)
+    model = run.prepare(build_model(args))  # global BN over all ranks; paper §5.1 "Global BN"
+    net = dist.unwrap(model)
+
+    init_lr = args.lr * args.batch_size / 256  # linear scaling rule; App. B.1
+    # LARS (§2.1): BN parameters and biases (ndim == 1) skip weight decay and the trust ratio; App. B.1
+    optimizer = optim.LARS(net.parameters(), lr=init_lr, weight_decay=args.wd, momentum=0.9)
+    run.watch(model, optimizer, backbone=net.backbone)  # resumes from OUT/checkpoint.pt if there is one
+    total, warmup = args.epochs * len(loader), args.warmup_epochs * len(loader)
+
+    for x1, x2 in run.batches(loader):
+        lr = optim.warmup_cosine(run.step, total, warmup, init_lr)  # warmup, then cosine per step; App. B.1
+        optim.set_lr(optimizer, lr)
+        # --8<-- [start:train-step]
+        with run.autocast():
+            loss, stats = model(x1, x2)  # Eq. 1 over all 2N views of the global batch
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        # --8<-- [end:train-step]
+        run.log(loss, lr=lr, **stats)
+
+
+if __name__ == "__main__":
+    main(cli.parse(Args, PRESETS))
