@@ -160,10 +160,12 @@ def train_loader(data, batch_size, workers, seed, device):
         dist.fail(f"the dataset has {len(data)} images, fewer than one batch of {batch_size}; "
                   f"lower --batch-size or add images")
     return DataLoader(data, per_rank, sampler=sampler, num_workers=workers, drop_last=True,
-                      pin_memory=device.type == "cuda", persistent_workers=workers > 0)
+                      pin_memory=device.type == "cuda", persistent_workers=workers > 0,
+                      generator=torch.Generator().manual_seed(seed))  # leaves the global generator alone
 
 
 def eval_loader(data, batch_size, workers, device):
     """This rank's shard of `data` (every W-th sample): every sample exactly once over all ranks."""
     shard = torch.utils.data.Subset(data, range(len(data))[dist.rank()::dist.world()])
-    return DataLoader(shard, batch_size, num_workers=workers, pin_memory=device.type == "cuda")
+    return DataLoader(shard, batch_size, num_workers=workers, pin_memory=device.type == "cuda",
+                      generator=torch.Generator())  # leaves the global generator alone

@@ -69,10 +69,11 @@ def fp32(x):
     return x if x.dtype == torch.float64 else x.float()
 
 
-def prepare(model, device, compile=False):
-    """Move to the device (channels_last on CUDA), global BatchNorm and DDP when distributed, compile."""
+def prepare(model, device, compile=False, sync_bn=True):
+    """Move to the device (channels_last on CUDA), global BatchNorm (unless sync_bn=False) and DDP when
+    distributed, compile."""
     model = model.to(device, memory_format=torch.channels_last if device.type == "cuda" else torch.preserve_format)
-    model = dist.wrap(dist.sync_batchnorm(model, device), device)
+    model = dist.wrap(dist.sync_batchnorm(model, device) if sync_bn else model, device)
     return torch.compile(model) if compile else model
 
 
@@ -110,8 +111,8 @@ class Run:
             return torch.autocast("cuda", dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-    def prepare(self, model):
-        return prepare(model, self.device, self.args.compile)
+    def prepare(self, model, sync_bn=True):
+        return prepare(model, self.device, self.args.compile, sync_bn)
 
     # --- checkpoints -------------------------------------------------------------------------------
 

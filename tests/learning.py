@@ -44,6 +44,9 @@ CONFIGS = {
         "knn": ["--epochs", "10", "--batch-size", "128", "--warmup-epochs", "1", "--dim", "128"],
         "gain": 3.0,
     },
+    # MoCo: the kNN check only (no short check in the suite, to keep it under 10 minutes)
+    "mocov1": {"knn": ["--epochs", "10", "--batch-size", "128", "--K", "4096"], "gain": 3.0},
+    "mocov2": {"knn": ["--epochs", "10", "--batch-size", "128", "--K", "4096"], "gain": 3.0},
 }
 SHORT_DATA = {"train": 200, "test": 50}  # images per class
 KNN_DATA = {"train": 1000, "test": 100}

@@ -18,18 +18,21 @@ def state(out):
     return torch.load(out / "checkpoint.pt", weights_only=False)
 
 
-@pytest.mark.parametrize("method", ["simsiam", "simclr"])
+@pytest.mark.parametrize("method", ["simsiam", "simclr", "mocov1"])
 def test_interrupted_and_resumed_run_ends_with_the_weights_of_a_straight_run(method, image_folder, tmp_path):
     module = importlib.import_module(method)
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    run_main(module, "--dataset", "folder", "--data-dir", image_folder, *ARGS, "--max-steps", "7", "--out", straight)
+    extra = ["--K", "16"] if method == "mocov1" else []  # the queue and its pointer resume too
+    run_main(module, "--dataset", "folder", "--data-dir", image_folder, *ARGS, *extra, "--max-steps", "7", "--out",
+             straight)
     # Interrupted mid-epoch (3 steps per epoch), with other loader workers: per-sample seeds make
     # the views the same whatever the number of workers.
-    run_main(module, "--dataset", "folder", "--data-dir", image_folder, *ARGS, "--max-steps", "4", "--out", resumed,
-             "--workers", "2")
+    run_main(module, "--dataset", "folder", "--data-dir", image_folder, *ARGS, *extra, "--max-steps", "4", "--out",
+             resumed, "--workers", "2")
     assert state(resumed)["step"] == 4
     torch.manual_seed(12345)  # whatever the process did in between does not matter
-    run_main(module, "--dataset", "folder", "--data-dir", image_folder, *ARGS, "--max-steps", "7", "--out", resumed)
+    run_main(module, "--dataset", "folder", "--data-dir", image_folder, *ARGS, *extra, "--max-steps", "7", "--out",
+             resumed)
     a, b = state(straight), state(resumed)
     assert a["step"] == b["step"] == 7 and a["epoch"] == b["epoch"] == 2
     for k in a["model"]:

@@ -1,0 +1,132 @@
+"""MoCo v1/v2: InfoNCE against an explicit queue, the momentum update, the FIFO queue, split BN and
+ShuffleBN (one process and gloo ranks)."""
+import math
+
+import pytest
+import torch
+
+import mocov1
+import mocov2
+from common import cli
+from conftest import SMALL, metrics, run_main, torchrun
+
+
+def naive_info_nce(q, k, queue, tau):
+    """Eq. 1 per query, with the queue's keys listed one by one."""
+    total = 0.0
+    for i in range(len(q)):
+        pos = math.exp(float(q[i] @ k[i]) / tau)
+        neg = sum(math.exp(float(q[i] @ queue[:, j]) / tau) for j in range(queue.shape[1]))
+        total += -math.log(pos / (pos + neg))
+    return total / len(q)
+
+
+@pytest.mark.parametrize("module", [mocov1, mocov2])
+def test_info_nce_matches_the_explicit_queue(module):
+    torch.manual_seed(0)
+    q = torch.nn.functional.normalize(torch.randn(5, 8, dtype=torch.float64), dim=1)
+    k = torch.nn.functional.normalize(torch.randn(5, 8, dtype=torch.float64), dim=1)
+    queue = torch.nn.functional.normalize(torch.randn(8, 12, dtype=torch.float64), dim=0)
+    for tau in (0.07, 0.2):
+        assert math.isclose(module.info_nce(q, k, queue, tau).item(), naive_info_nce(q, k, queue, tau), rel_tol=1e-10)
+
+
+def test_momentum_update_is_eq2():
+    torch.manual_seed(0)
+    q, k = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
+    before = [p.detach().clone() for p in k.parameters()]
+    mocov1.momentum_update(q, k, 0.99)
+    for b, p_k, p_q in zip(before, k.parameters(), q.parameters()):
+        torch.testing.assert_close(p_k, 0.99 * b + 0.01 * p_q, rtol=0, atol=1e-7)
+
+
+def test_queue_is_a_fifo_with_a_wrapping_pointer():
+    queue, ptr = torch.zeros(2, 6), torch.zeros((), dtype=torch.long)
+    for step in range(4):  # batches of 2 into K = 6: positions 0, 2, 4, then back to 0
+        keys = torch.full((2, 2), float(step + 1))
+        mocov1.dequeue_and_enqueue(queue, ptr, keys)
+        assert int(ptr) == (2 * (step + 1)) % 6
+    assert queue[0].tolist() == [4, 4, 2, 2, 3, 3]  # batch 1, the oldest, was replaced by batch 4
+
+
+def test_split_batchnorm_normalises_each_interleaved_sub_batch():
+    torch.manual_seed(0)
+    x = torch.randn(8, 3, 4, 4, dtype=torch.float64)
+    split = mocov1.SplitBatchNorm(3, splits=2).double()
+    plain = torch.nn.BatchNorm2d(3).double()
+    y = split(x)
+    for s in range(2):  # samples s, s+2, s+4, ... form sub-batch s
+        torch.testing.assert_close(y[s::2], torch.nn.functional.batch_norm(x[s::2], None, None, training=True))
+    means = [x[s::2].mean((0, 2, 3)) for s in range(2)]
+    torch.testing.assert_close(split.running_mean, 0.1 * (means[0] + means[1]) / 2)
+    plain(x)
+    assert not torch.allclose(plain.running_var, split.running_var)
+
+
+def test_shuffle_keeps_every_key_with_its_query_on_one_process():
+    torch.manual_seed(0)
+    x = torch.arange(8.0).view(8, 1)
+    shuffled, unshuffle = mocov1.shuffle(x)
+    assert not torch.equal(shuffled, x) and sorted(shuffled.view(-1).tolist()) == x.view(-1).tolist()
+    torch.testing.assert_close(unshuffle(shuffled * 10), x * 10)  # a per-sample encoder, then back in order
+
+
+def _shuffle_and_enqueue(rank, world, x, k):
+    n = len(x) // world
+    torch.manual_seed(rank)  # rank 0's permutation must win
+    shuffled, unshuffle = mocov1.shuffle(x[rank * n:(rank + 1) * n])
+    back = unshuffle(shuffled * 10)
+    queue, ptr = torch.zeros(k.shape[1], 2 * len(k)), torch.zeros((), dtype=torch.long)
+    mocov1.dequeue_and_enqueue(queue, ptr, k[rank * n:(rank + 1) * n])
+    return {"shuffled": shuffled, "back": back, "queue": queue, "ptr": int(ptr)}
+
+
+def test_shufflebn_and_queue_across_two_ranks(gloo):
+    x = torch.arange(8.0).view(8, 1)
+    k = torch.randn(8, 3)
+    results = gloo(2).run(_shuffle_and_enqueue, x, k)
+    for r, res in enumerate(results):
+        torch.testing.assert_close(res["back"], x[r * 4:(r + 1) * 4] * 10)  # every key back with its query
+    moved = torch.cat([res["shuffled"] for res in results]).view(-1)
+    assert sorted(moved.tolist()) == x.view(-1).tolist()  # a permutation of the global batch
+    assert any(v >= 4 for v in results[0]["shuffled"].view(-1).tolist())  # keys do cross ranks
+    queue, ptr = torch.zeros(3, 16), torch.zeros((), dtype=torch.long)
+    mocov1.dequeue_and_enqueue(queue, ptr, k)  # one process given all 8 keys in global order
+    for res in results:
+        torch.testing.assert_close(res["queue"], queue)
+        assert res["ptr"] == int(ptr) == 8
+
+
+def test_mocov2_is_mocov1_plus_the_four_changes():
+    v1 = cli.parse(mocov1.Args, mocov1.PRESETS, ["--dataset", "imagenet"])
+    v2 = cli.parse(mocov2.Args, mocov2.PRESETS, ["--dataset", "imagenet"])
+    assert (v1.tau, v2.tau, v1.K, v1.m, v1.lr * v1.batch_size / 256) == (0.07, 0.2, 65536, 0.999, 0.03)
+    m1, m2 = mocov1.build_model(mocov1.Args(image_size=16)), mocov2.build_model(mocov2.Args(image_size=16))
+    assert [type(m).__name__ for m in m1.encoder_q[1:]] == ["Linear"]
+    assert [type(m).__name__ for m in m2.encoder_q[1:]] == ["Linear", "ReLU", "Linear"]
+    assert not any(p.requires_grad for p in m1.encoder_k.parameters())
+    assert all(torch.equal(a, b) for a, b in zip(m1.encoder_q.parameters(), m1.encoder_k.parameters()))
+    assert m1.queue.shape == (128, 4096) and torch.allclose(m1.queue.norm(dim=0), torch.ones(4096))
+
+
+@pytest.mark.parametrize("method", ["mocov1", "mocov2"])
+def test_command_line_one_and_two_processes(method, image_folder, tmp_path):
+    module = {"mocov1": mocov1, "mocov2": mocov2}[method]
+    flags = ["--dataset", "folder", "--data-dir", image_folder, "--epochs", "2", "--max-steps", "3", *SMALL,
+             "--K", "16"]
+    run_main(module, *flags, "--out", tmp_path / "one")
+    torchrun(f"{method}.py", *flags, "--out", tmp_path / "two")
+    for out, world in [(tmp_path / "one", 1), (tmp_path / "two", 2)]:
+        rows = metrics(out)
+        assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3] and "knn_top1" in rows[-1]
+        assert all(0 < r["loss"] < 10 and "pos_sim" in r for r in rows if "loss" in r)
+        ckpt = torch.load(out / "checkpoint.pt", weights_only=False)
+        assert ckpt["method"] == method and int(ckpt["model"]["queue_ptr"]) == (3 * 8) % 16
+        assert len(ckpt["rng"]) == world
+
+
+def test_queue_size_not_a_multiple_of_the_batch(image_folder, tmp_path):
+    with pytest.raises(SystemExit) as e:
+        run_main(mocov1, "--dataset", "folder", "--data-dir", image_folder, *SMALL, "--K", "20", "--out", tmp_path)
+    assert str(e.value.code) == ("error: --K 20 is not a multiple of --batch-size 8: the queue takes whole "
+                                 "batches (MoCo's official code asserts the same)")
