@@ -6,7 +6,6 @@ the method's `PRESETS[dataset]`, then the flags given on the command line.
 import argparse
 import dataclasses
 import inspect
-import sys
 import typing
 import re
 from dataclasses import dataclass
@@ -55,8 +54,6 @@ class _Parser(argparse.ArgumentParser):
 def _flag_type(annotation):
     if typing.get_origin(annotation) is typing.Literal:
         choices = typing.get_args(annotation)
-        if len(choices) == 1 and isinstance(choices[0], tuple):
-            choices = choices[0]
         return type(choices[0]), choices
     return annotation, None
 

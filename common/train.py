@@ -171,7 +171,7 @@ class Run:
 
     def batches(self, loader):
         """Yield the two views of each step on the device, from the resumed step to the end of training."""
-        args, device = self.args, self.device
+        args = self.args
         self.steps_per_epoch = loader.sampler.num_samples // loader.batch_size
         self.total_steps = args.epochs * self.steps_per_epoch
         stop = min(args.max_steps or self.total_steps, self.total_steps)

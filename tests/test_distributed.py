@@ -71,7 +71,9 @@ def test_one_step_on_W_ranks_equals_one_process(method, world, gloo):
     for res in results:
         torch.testing.assert_close(res["loss"], loss.detach(), rtol=1e-10, atol=1e-12)
         for k, p in model.named_parameters():
-            if p.grad is not None:
+            if p.grad is None:  # a frozen parameter (SimCLR's last BN β) is frozen on every rank too
+                assert res["grads"][k] is None, k
+            else:
                 torch.testing.assert_close(res["grads"][k], p.grad, rtol=1e-8, atol=1e-10, msg=k)
         for k, b in model.named_buffers():
             torch.testing.assert_close(res["buffers"][k], b, rtol=1e-8, atol=1e-10, msg=k)

@@ -1,5 +1,4 @@
 """Bad input ends with one clear line, a non-zero exit, no traceback, and the last checkpoint intact."""
-import shutil
 
 import pytest
 import torch
