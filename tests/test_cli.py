@@ -1,15 +1,18 @@
 """The real command line, a few steps, with one process and with torchrun."""
+import importlib
 import json
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from common import resnet
 from conftest import ROOT, SMALL, env, free_port, metrics, run_cli, run_main, torchrun
 
 
-STATS = {"simsiam": ("std_z", -1.0, 1.0), "simclr": ("pos_sim", 0.0, 10.0)}  # logged stat, loss range
+STATS = {"simsiam": ("std_z", -1.0, 1.0), "simclr": ("pos_sim", 0.0, 10.0), "byol": ("tau", 0.0, 8.0),
+         "barlow": ("c_diag", 0.0, 1e5), "vicreg": ("std", 0.0, 1e3)}  # a logged stat, the loss's range
 
 
 def check_run(out, steps, world=1, method="simsiam"):
@@ -25,7 +28,7 @@ def check_run(out, steps, world=1, method="simsiam"):
     assert knn and knn[-1]["step"] == steps and 0.0 <= knn[-1]["knn_top1"] <= 1.0
     ckpt = torch.load(out / "checkpoint.pt", weights_only=False)
     assert ckpt["method"] == method and ckpt["step"] == steps and len(ckpt["rng"]) == world
-    assert any(k.startswith("projector.") for k in ckpt["model"])
+    assert any(k.startswith(("projector.", "expander.")) for k in ckpt["model"])
     backbone = resnet.from_state_dict(torch.load(out / "backbone.pt", weights_only=True))
     assert backbone(torch.randn(2, 3, 16, 16)).shape == (2, 512)
     config = json.loads((out / "config.json").read_text())
@@ -65,6 +68,19 @@ def test_simclr_one_process_and_torchrun(image_folder, tmp_path):
     torchrun("simclr.py", "--dataset", "folder", "--data-dir", image_folder, "--epochs", "2", "--max-steps", "3",
              *SMALL, "--out", tmp_path / "two")
     check_run(tmp_path / "two", 3, world=2, method="simclr")
+    one, two = metrics(tmp_path / "one"), metrics(tmp_path / "two")
+    # the same samples and views per step on 1 and 2 processes: the first loss agrees to float32 precision
+    assert abs(one[0]["loss"] - two[0]["loss"]) < 1e-4 * abs(one[0]["loss"])
+
+
+@pytest.mark.parametrize("method", ["byol", "barlow", "vicreg"])
+def test_one_process_and_torchrun_agree(method, image_folder, tmp_path):
+    module = importlib.import_module(method)
+    argv = ["--dataset", "folder", "--data-dir", image_folder, "--epochs", "2", "--max-steps", "3", *SMALL]
+    run_main(module, *argv, "--out", tmp_path / "one")
+    check_run(tmp_path / "one", 3, method=method)
+    torchrun(f"{method}.py", *argv, "--out", tmp_path / "two")
+    check_run(tmp_path / "two", 3, world=2, method=method)
     one, two = metrics(tmp_path / "one"), metrics(tmp_path / "two")
     # the same samples and views per step on 1 and 2 processes: the first loss agrees to float32 precision
     assert abs(one[0]["loss"] - two[0]["loss"]) < 1e-4 * abs(one[0]["loss"])

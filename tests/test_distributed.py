@@ -51,6 +51,9 @@ def _method_step(rank, world, method, x1, x2, args):
 SMALL_ARGS = {
     "simsiam": lambda m: m.Args(image_size=16, dim=32, pred_dim=8),
     "simclr": lambda m: m.Args(image_size=16, dim=16),
+    "byol": lambda m: m.Args(image_size=16, hidden_dim=16, dim=8),
+    "barlow": lambda m: m.Args(image_size=16, dim=16),
+    "vicreg": lambda m: m.Args(image_size=16, dim=16),
 }
 
 
@@ -71,7 +74,7 @@ def test_one_step_on_W_ranks_equals_one_process(method, world, gloo):
     for res in results:
         torch.testing.assert_close(res["loss"], loss.detach(), rtol=1e-10, atol=1e-12)
         for k, p in model.named_parameters():
-            if p.grad is None:  # a frozen parameter (SimCLR's last BN β) is frozen on every rank too
+            if p.grad is None:  # a frozen parameter (SimCLR's last BN β, BYOL's target) is frozen on every rank
                 assert res["grads"][k] is None, k
             else:
                 torch.testing.assert_close(res["grads"][k], p.grad, rtol=1e-8, atol=1e-10, msg=k)
@@ -134,3 +137,41 @@ def test_views_are_a_function_of_the_seed_only():
     c1, _ = views[(0, 124)]
     assert torch.equal(a1, b1) and torch.equal(a2, b2) and not torch.equal(a1, c1)
     assert not torch.equal(a1, a2)  # the two views draw different parameters
+
+
+def _barlow_official_gradients(rank, world, y1, y2, args):
+    """Barlow Twins' official distributed loss: C of the local batch divided by the global N, summed over
+    ranks by an all_reduce *without* gradient; then DDP's average of the ranks' gradients."""
+    import barlow
+    torch.manual_seed(0)
+    net = dist.sync_batchnorm(barlow.build_model(args).double(), torch.device("cpu"))
+    n, N = len(y1) // world, len(y1)
+    mine = slice(rank * n, (rank + 1) * n)
+    z1, z2 = net.projector(net.backbone(y1[mine])), net.projector(net.backbone(y2[mine]))
+    bn = dist.sync_batchnorm(torch.nn.Sequential(torch.nn.BatchNorm1d(z1.shape[1], affine=False)).double(),
+                             torch.device("cpu"))  # (a root BatchNorm would not be converted)
+    c = bn(z1).T @ bn(z2) / N  # standardised with the global statistics (SyncBN), this rank's share of C
+    total = c.detach().clone()
+    torch.distributed.all_reduce(total)  # in place, outside autograd, as torch.distributed.all_reduce(c)
+    c = c + (total - c.detach())  # C of the global batch, but the gradient only sees this rank's share
+    on_diag = (1 - c.diagonal()).pow(2).sum()
+    loss = on_diag + args.lambd * (c.pow(2).sum() - c.diagonal().pow(2).sum())
+    loss.backward()
+    return {k: dist.all_reduce_mean(p.grad) for k, p in net.named_parameters()}  # what DDP does
+
+
+def test_barlow_official_distributed_gradient_is_one_over_world_of_the_global_gradient(gloo):
+    """The difference barlow.py's docs page records: with W ranks the official code's gradients are
+    1/W of the gradient of the global loss, which barlow.py computes at every world size."""
+    import barlow
+    args = SMALL_ARGS["barlow"](barlow)
+    torch.manual_seed(1)
+    y1, y2 = torch.randn(12, 3, 16, 16, dtype=torch.float64), torch.randn(12, 3, 16, 16, dtype=torch.float64)
+    torch.manual_seed(0)
+    model = barlow.build_model(args).double()
+    loss, _ = model(y1, y2)
+    loss.backward()
+    for world in (2, 3):
+        official = gloo(world).run(_barlow_official_gradients, y1, y2, args)[0]
+        for k, p in model.named_parameters():
+            torch.testing.assert_close(official[k] * world, p.grad, rtol=1e-7, atol=1e-9, msg=k)

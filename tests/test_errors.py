@@ -1,5 +1,7 @@
 """Bad input ends with one clear line, a non-zero exit, no traceback, and the last checkpoint intact."""
 
+import importlib
+
 import pytest
 import torch
 
@@ -161,3 +163,18 @@ def test_non_finite_weights_are_never_saved(tmp_path):
         run.save()
     assert "the weights are not finite after step 1" in str(e.value.code)
     assert (tmp_path / "checkpoint.pt").read_bytes() == before
+
+
+@pytest.mark.parametrize("method, flag", [("byol", "--tau-base"), ("barlow", "--lambd"), ("vicreg", "--std-coeff")])
+def test_each_method_gives_the_same_one_line_errors(method, flag, trained, image_folder, capsys):
+    module = importlib.import_module(method)
+    with pytest.raises(SystemExit) as e:
+        run_main(module, flag, "x")
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and f"argument {flag}: invalid float value: 'x'" in err, err
+    out, before = trained  # a simsiam checkpoint
+    with pytest.raises(SystemExit) as e:
+        run_main(module, "--dataset", "folder", "--data-dir", image_folder, *TINY, "--out", out)
+    assert str(e.value.code) == (f"error: {out / 'checkpoint.pt'} is a simsiam resnet18 checkpoint, not {method} "
+                                 f"resnet18; pass another --out")
+    assert (out / "checkpoint.pt").read_bytes() == before

@@ -1,0 +1,166 @@
+"""BYOL: Bootstrap Your Own Latent, a New Approach to Self-Supervised Learning.
+Jean-Bastien Grill, Florian Strub, Florent Altché, et al. NeurIPS 2020. arXiv:2006.07733.
+
+An online network (encoder f, projector g, predictor q) predicts, from one view, the projection of
+the other view by a target network, a slowly moving average of the online one. There are no negative
+pairs: the predictor, the stop-gradient into the target and the moving average keep it from collapsing.
+
+    uv run byol.py                                     # CIFAR-10, solo-learn's tested recipe
+    uv run byol.py --dataset imagenet --data-dir DIR   # the paper's ImageNet recipe
+    torchrun --nproc-per-node 8 byol.py                # 8 GPUs: --batch-size stays global
+    torchrun --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500 byol.py
+
+Docs: docs/byol.md (each section below beside the paper's equations).
+"""
+import copy
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torchvision.transforms import v2
+
+from common import cli, data, dist, optim, resnet
+from common.train import Run, fp32
+
+
+# --8<-- [start:args]
+@dataclass
+class Args(cli.System):
+    epochs: int = 1000  # CIFAR-10: 1000 epochs; solo-learn cifar/byol.yaml (paper: 1000 on ImageNet)
+    batch_size: int = 512  # N, global over all ranks; CIFAR-10: as the other methods here (paper 4096)
+    lr: float = 1.0  # base lr, scaled lr × N/256; CIFAR-10: solo-learn (paper 0.2, §3.3)
+    wd: float = 1e-5  # weight decay, BN and biases excluded; CIFAR-10: solo-learn (paper 1.5e-6, §3.3)
+    warmup_epochs: int = 10  # linear warmup, then cosine per step; paper §3.3
+    tau_base: float = 0.99  # τ_base of the target's moving average, Eq. 1; CIFAR-10: solo-learn (paper 0.996)
+    hidden_dim: int = 4096  # hidden width of the projector g and the predictor q; paper §3.3
+    dim: int = 256  # output dim of g and q; paper §3.3
+    crop_min: float = 0.08  # smallest crop area; paper App. B, Table 6
+    blur1: float = 0.0  # Gaussian blur probability, view 1; CIFAR-10: none at 32 px, solo-learn (paper 1.0)
+    blur2: float = 0.0  # Gaussian blur probability, view 2; CIFAR-10: none at 32 px, solo-learn (paper 0.1)
+    solarize1: float = 0.0  # solarization probability, view 1; paper App. B, Table 6
+    solarize2: float = 0.2  # solarization probability, view 2; paper App. B, Table 6
+
+
+PRESETS = {  # the paper's ImageNet recipe, §3.3: ResNet-50, LARS lr 0.2 × N/256, wd 1.5e-6, N 4096, τ_base 0.996
+    "imagenet": dict(arch="resnet50", epochs=1000, batch_size=4096, lr=0.2, wd=1.5e-6, tau_base=0.996,
+                     blur1=1.0, blur2=0.1),
+}
+# --8<-- [end:args]
+
+
+# --8<-- [start:augment]
+def augment(args, blur, solarize):
+    """One view, App. B Table 6: the two views differ only in their blur and solarization probabilities."""
+    kernel = (args.image_size // 10) // 2 * 2 + 1  # ≈ 10% of the side, odd (23 at 224); App. B
+    return v2.Compose([
+        v2.RandomResizedCrop(args.image_size, scale=(args.crop_min, 1.0), antialias=True,
+                             interpolation=v2.InterpolationMode.BICUBIC),
+        v2.RandomHorizontalFlip(),
+        v2.RandomApply([v2.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),  # brightness, contrast, saturation, hue
+        v2.RandomGrayscale(p=0.2),
+        v2.RandomApply([v2.GaussianBlur(kernel, sigma=(0.1, 2.0))], p=blur),
+        v2.RandomSolarize(threshold=128, p=solarize),  # x ← 255 − x where x ≥ 128 (0.5 in [0, 1])
+        data.normalize(args.dataset),
+    ])
+# --8<-- [end:augment]
+
+
+# --8<-- [start:model]
+def mlp(in_dim, hidden_dim, out_dim):
+    """g and q: Linear → BN → ReLU → Linear, the last layer without bias or BN; paper §3.3."""
+    return nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.BatchNorm1d(hidden_dim), nn.ReLU(inplace=True),
+                         nn.Linear(hidden_dim, out_dim, bias=False))
+
+
+class BYOL(nn.Module):
+    def __init__(self, args):
+        super().__init__()
+        # online network θ: torchvision ResNet (CIFAR stem at 32 px), projector g_θ, predictor q_θ
+        self.backbone = resnet.resnet(args.arch, resnet.uses_cifar_stem(args.image_size))
+        self.projector = mlp(self.backbone.dim, args.hidden_dim, args.dim)
+        self.predictor = mlp(args.dim, args.hidden_dim, args.dim)
+        # target network ξ: f_ξ and g_ξ, a copy of θ at the start, never given gradients
+        self.target_backbone = copy.deepcopy(self.backbone).requires_grad_(False)
+        self.target_projector = copy.deepcopy(self.projector).requires_grad_(False)
+
+    def forward(self, x1, x2):  # §3.1
+        z1 = self.projector(self.backbone(x1))  # (n, dim): z_θ = g_θ(f_θ(v))
+        z2 = self.projector(self.backbone(x2))  # (n, dim): z̃_θ from the other view v′
+        p1, p2 = self.predictor(z1), self.predictor(z2)  # (n, dim): q_θ(z_θ)
+        with torch.no_grad():  # sg(ξ): no gradient reaches the target network
+            t1 = self.target_projector(self.target_backbone(x1))  # (n, dim): z̃′_ξ, the target for p2
+            t2 = self.target_projector(self.target_backbone(x2))  # (n, dim): z′_ξ, the target for p1
+        loss = regression_loss(p1, t2) + regression_loss(p2, t1)  # L^BYOL = L + L̃, §3.1
+        std_z = F.normalize(fp32(z1.detach()), dim=1).std(dim=0).mean()  # ≈ 1/√dim when healthy, → 0 on collapse
+        return loss, {"std_z": std_z}
+
+    @torch.no_grad()
+    def update_target(self, tau):
+        """Eq. 1, called by the loop after each optimiser step."""
+        momentum_update(self.backbone, self.target_backbone, tau)
+        momentum_update(self.projector, self.target_projector, tau)
+# --8<-- [end:model]
+
+
+# --8<-- [start:loss]
+def regression_loss(p, z):
+    """Eq. 2: ‖p̄ − z̄‖² = 2 − 2·⟨p, z⟩ / (‖p‖·‖z‖) per sample, averaged over the batch."""
+    p = F.normalize(fp32(p), dim=1)  # p̄ = q_θ(z_θ) / ‖q_θ(z_θ)‖₂, in float32 under autocast
+    z = F.normalize(fp32(z.detach()), dim=1)  # z̄′ = z′_ξ / ‖z′_ξ‖₂, a constant
+    return (2 - 2 * (p * z).sum(dim=1)).mean()
+# --8<-- [end:loss]
+
+
+# --8<-- [start:update]
+def target_decay(k, K, tau_base):
+    """τ = 1 − (1 − τ_base)·(cos(πk/K) + 1)/2 at step k of K: τ_base at the start, 1 at the end; §3.3."""
+    return 1 - (1 - tau_base) * (math.cos(math.pi * k / K) + 1) / 2
+
+
+@torch.no_grad()
+def momentum_update(online, target, tau):
+    """Eq. 1: ξ ← τ·ξ + (1 − τ)·θ (parameters; BN running statistics are the target's own)."""
+    for theta, xi in zip(online.parameters(), target.parameters()):
+        xi.mul_(tau).add_(theta.detach(), alpha=1 - tau)
+# --8<-- [end:update]
+
+
+def build_model(args):
+    return BYOL(args)
+
+
+def main(args):
+    run = Run(args)  # torchrun set-up, seeds, run directory
+    views = data.Views(data.dataset(args.dataset, args.data_dir, "pretrain", args.image_size),
+                       augment(args, args.blur1, args.solarize1),
+                       augment(args, args.blur2, args.solarize2))  # asymmetric: T and T′, App. B
+    loader = data.train_loader(views, args.batch_size, args.workers, args.seed, run.device)
+    model = run.prepare(build_model(args))  # global BN over all ranks, online and target; App. C
+    net = dist.unwrap(model)
+
+    init_lr = args.lr * args.batch_size / 256  # linear scaling rule; §3.3
+    # LARS: BN parameters and biases (ndim == 1) skip weight decay and the trust ratio; §3.3
+    online = [*net.backbone.parameters(), *net.projector.parameters(), *net.predictor.parameters()]
+    optimizer = optim.LARS(online, lr=init_lr, weight_decay=args.wd, momentum=0.9)
+    run.watch(model, optimizer, backbone=net.backbone)  # the target network is part of the model's state
+    total, warmup = args.epochs * len(loader), args.warmup_epochs * len(loader)
+
+    for x1, x2 in run.batches(loader):
+        lr = optim.warmup_cosine(run.step, total, warmup, init_lr)  # warmup, then cosine per step; §3.3
+        optim.set_lr(optimizer, lr)
+        tau = target_decay(run.step, total, args.tau_base)  # per step, from the step count: resumes exactly
+        # --8<-- [start:train-step]
+        with run.autocast():
+            loss, stats = model(x1, x2)  # L^BYOL, Eq. 2 in both directions
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()  # θ ← optimizer(θ, ∇_θ L^BYOL, η), Eq. 3
+        net.update_target(tau)  # ξ ← τξ + (1 − τ)θ, Eq. 3, after the optimiser step
+        # --8<-- [end:train-step]
+        run.log(loss, lr=lr, tau=tau, **stats)
+
+
+if __name__ == "__main__":
+    main(cli.parse(Args, PRESETS))
