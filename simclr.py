@@ -124,11 +124,11 @@ def main(args):
     views = data.Views(data.dataset(args.dataset, args.data_dir, "pretrain", args.image_size),
                        augment(args), augment(args))  # two views from the same family of augmentations
     loader = data.train_loader(views, args.batch_size, args.workers, args.seed, run.device)
-    model = run.prepare(build_model(args))  # global BN over all ranks; paper §5.1 "Global BN"
+    model = run.prepare(build_model(args))  # global BN over all ranks; paper §2.2 "Global BN"
     net = dist.unwrap(model)
 
     init_lr = args.lr * args.batch_size / 256  # linear scaling rule; App. B.1
-    # LARS (§2.1): BN parameters and biases (ndim == 1) skip weight decay and the trust ratio; App. B.1
+    # LARS (§2.2): BN parameters and biases (ndim == 1) skip weight decay and the trust ratio; App. B.1
     optimizer = optim.LARS(net.parameters(), lr=init_lr, weight_decay=args.wd, momentum=0.9)
     run.watch(model, optimizer, backbone=net.backbone)  # resumes from OUT/checkpoint.pt if there is one
     total, warmup = args.epochs * len(loader), args.warmup_epochs * len(loader)

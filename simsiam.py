@@ -30,16 +30,16 @@ class Args(cli.System):
     batch_size: int = 512  # N, global over all ranks; paper App. D
     lr: float = 0.03  # base lr, scaled lr × N/256; CIFAR-10: paper App. D
     wd: float = 5e-4  # weight decay; CIFAR-10: paper App. D (ImageNet 1e-4)
-    momentum: float = 0.9  # SGD momentum; paper §4
+    momentum: float = 0.9  # SGD momentum; paper §3, baseline settings
     proj_layers: int = 2  # CIFAR-10: 2-layer projection MLP; paper App. D (ImageNet 3)
-    dim: int = 2048  # output dim of the projection MLP f; paper §4
-    pred_dim: int = 512  # hidden dim of the prediction MLP h (the bottleneck); paper §4
+    dim: int = 2048  # output dim of the projection MLP f; paper §3
+    pred_dim: int = 512  # hidden dim of the prediction MLP h (the bottleneck); paper §3
     fix_pred_lr: bool = False  # keep h at the initial lr; paper §4.2 (ImageNet only)
     blur: bool = False  # CIFAR-10: no Gaussian blur at 32 px; paper App. D
     crop_min: float = 0.2  # smallest crop area; official code's aug (0.2, 1)
 
 
-PRESETS = {  # the paper's ImageNet recipe, §4: ResNet-50, 100 epochs, batch 512, lr 0.05, wd 1e-4
+PRESETS = {  # the paper's ImageNet recipe, §3 (baseline settings): ResNet-50, 100 epochs, batch 512, lr 0.05, wd 1e-4
     "imagenet": dict(arch="resnet50", epochs=100, lr=0.05, wd=1e-4, proj_layers=3, fix_pred_lr=True, blur=True),
 }
 # --8<-- [end:args]
@@ -47,7 +47,7 @@ PRESETS = {  # the paper's ImageNet recipe, §4: ResNet-50, 100 epochs, batch 51
 
 # --8<-- [start:augment]
 def augment(args):
-    """One view: the MoCo v2 augmentation the paper uses, §4 'Implementation details'."""
+    """One view: the MoCo v2 augmentation the paper uses (§3, App. A)."""
     blur = [v2.RandomApply([v2.GaussianBlur(23, sigma=(0.1, 2.0))], p=0.5)] if args.blur else []
     return v2.Compose([
         v2.RandomResizedCrop(args.image_size, scale=(args.crop_min, 1.0), antialias=True),
@@ -62,7 +62,7 @@ def augment(args):
 
 # --8<-- [start:model]
 def projection_mlp(in_dim, dim, layers):
-    """f's projection MLP: BN on every layer, ReLU on all but the last, whose BN has no affine; §4."""
+    """f's projection MLP: BN on every layer, ReLU on all but the last, whose BN has no affine; §3."""
     blocks, d = [], in_dim
     for _ in range(layers - 1):
         blocks += [nn.Linear(d, dim, bias=False), nn.BatchNorm1d(dim), nn.ReLU(inplace=True)]
@@ -72,7 +72,7 @@ def projection_mlp(in_dim, dim, layers):
 
 
 def prediction_mlp(dim, pred_dim):
-    """h: a bottleneck MLP, dim -> pred_dim -> dim, no BN on its output; §4."""
+    """h: a bottleneck MLP, dim -> pred_dim -> dim, no BN on its output; §3."""
     return nn.Sequential(nn.Linear(dim, pred_dim, bias=False), nn.BatchNorm1d(pred_dim), nn.ReLU(inplace=True),
                          nn.Linear(pred_dim, dim))
 
@@ -89,7 +89,7 @@ class SimSiam(nn.Module):
         z1 = self.projector(self.backbone(x1))  # (n, dim): z = f(x), the encoder f is backbone + projector
         z2 = self.projector(self.backbone(x2))  # (n, dim); each view has its own BN statistics
         p1, p2 = self.predictor(z1), self.predictor(z2)  # (n, dim): p = h(f(x))
-        loss = D(p1, z2) / 2 + D(p2, z1) / 2  # Eq. 3: symmetrised loss
+        loss = D(p1, z2) / 2 + D(p2, z1) / 2  # Eq. 4: the symmetrised loss with stop-gradient
         std_z = F.normalize(fp32(z1.detach()), dim=1).std(dim=0).mean()  # ≈ 1/√dim when healthy, → 0 on collapse
         return loss, {"std_z": std_z}
 # --8<-- [end:model]
@@ -97,7 +97,7 @@ class SimSiam(nn.Module):
 
 # --8<-- [start:loss]
 def D(p, z):
-    """Eq. 1 with the stop-gradient of Eq. 3: negative cosine similarity, averaged over the batch."""
+    """Eq. 3: D(p, stopgrad(z)), the negative cosine similarity of Eq. 1 with z a constant, batch-averaged."""
     p = F.normalize(fp32(p), dim=1)  # p / ‖p‖₂, in float32 under autocast
     z = F.normalize(fp32(z.detach()), dim=1)  # stopgrad(z) / ‖z‖₂: z is a constant here
     return -(p * z).sum(dim=1).mean()
@@ -113,21 +113,21 @@ def main(args):
     views = data.Views(data.dataset(args.dataset, args.data_dir, "pretrain", args.image_size),
                        augment(args), augment(args))  # the same augmentation for both views
     loader = data.train_loader(views, args.batch_size, args.workers, args.seed, run.device)
-    model = run.prepare(build_model(args))  # SyncBN over all ranks: paper §4 (68.0 vs 65.1 without)
+    model = run.prepare(build_model(args))  # SyncBN over all ranks: paper §3, baseline settings
     net = dist.unwrap(model)
 
-    init_lr = args.lr * args.batch_size / 256  # linear scaling rule; paper §4
+    init_lr = args.lr * args.batch_size / 256  # linear scaling rule; paper §3
     groups = [{"params": [*net.backbone.parameters(), *net.projector.parameters()]},
               {"params": net.predictor.parameters(), **({"fixed_lr": init_lr} if args.fix_pred_lr else {})}]
     optimizer = torch.optim.SGD(groups, lr=init_lr, momentum=args.momentum, weight_decay=args.wd)
     run.watch(model, optimizer, backbone=net.backbone)  # resumes from OUT/checkpoint.pt if there is one
 
     for x1, x2 in run.batches(loader):
-        lr = optim.cosine(run.epoch, args.epochs, init_lr)  # cosine decay per epoch, no warmup; paper §4
+        lr = optim.cosine(run.epoch, args.epochs, init_lr)  # cosine decay per epoch, no warmup; paper §3
         optim.set_lr(optimizer, lr)
         # --8<-- [start:train-step]
         with run.autocast():
-            loss, stats = model(x1, x2)  # Eq. 3, stop-gradient inside D
+            loss, stats = model(x1, x2)  # Eq. 4, stop-gradient inside D (Eq. 3)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

@@ -48,6 +48,7 @@ CONFIGS = {
     "byol": {"knn": ["--epochs", "10", "--batch-size", "128", "--warmup-epochs", "1", "--hidden-dim", "1024",
                      "--dim", "128"], "gain": 3.0},
     "barlow": {"knn": ["--epochs", "10", "--batch-size", "128", "--warmup-epochs", "1", "--dim", "512"], "gain": 3.0},
+    "unigrad": {"knn": ["--epochs", "10", "--batch-size", "128", "--warmup-epochs", "1", "--dim", "512"], "gain": 3.0},
     "vicreg": {"knn": ["--epochs", "10", "--batch-size", "128", "--warmup-epochs", "1", "--dim", "512"], "gain": 3.0},
     "mocov1": {"knn": ["--epochs", "10", "--batch-size", "128", "--K", "4096"], "gain": 3.0},
     "mocov2": {"knn": ["--epochs", "10", "--batch-size", "128", "--K", "4096"], "gain": 3.0},

@@ -12,7 +12,7 @@ from conftest import ROOT, SMALL, env, free_port, metrics, run_cli, run_main, to
 
 
 STATS = {"simsiam": ("std_z", -1.0, 1.0), "simclr": ("pos_sim", 0.0, 10.0), "byol": ("tau", 0.0, 8.0),
-         "barlow": ("c_diag", 0.0, 1e5), "vicreg": ("std", 0.0, 1e3)}  # a logged stat, the loss's range
+         "barlow": ("c_diag", 0.0, 1e5), "vicreg": ("std", 0.0, 1e3), "unigrad": ("pos_sim", -1.0, 101.0)}  # a logged stat, the loss's range
 
 
 def check_run(out, steps, world=1, method="simsiam"):
@@ -73,7 +73,7 @@ def test_simclr_one_process_and_torchrun(image_folder, tmp_path):
     assert abs(one[0]["loss"] - two[0]["loss"]) < 1e-4 * abs(one[0]["loss"])
 
 
-@pytest.mark.parametrize("method", ["byol", "barlow", "vicreg"])
+@pytest.mark.parametrize("method", ["byol", "barlow", "vicreg", "unigrad"])
 def test_one_process_and_torchrun_agree(method, image_folder, tmp_path):
     module = importlib.import_module(method)
     argv = ["--dataset", "folder", "--data-dir", image_folder, "--epochs", "2", "--max-steps", "3", *SMALL]

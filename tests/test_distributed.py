@@ -54,6 +54,7 @@ SMALL_ARGS = {
     "byol": lambda m: m.Args(image_size=16, hidden_dim=16, dim=8),
     "barlow": lambda m: m.Args(image_size=16, dim=16),
     "vicreg": lambda m: m.Args(image_size=16, dim=16),
+    "unigrad": lambda m: m.Args(image_size=16, dim=8),
 }
 
 

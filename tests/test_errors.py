@@ -165,7 +165,8 @@ def test_non_finite_weights_are_never_saved(tmp_path):
     assert (tmp_path / "checkpoint.pt").read_bytes() == before
 
 
-@pytest.mark.parametrize("method, flag", [("byol", "--tau-base"), ("barlow", "--lambd"), ("vicreg", "--std-coeff")])
+@pytest.mark.parametrize("method, flag", [("byol", "--tau-base"), ("barlow", "--lambd"), ("vicreg", "--std-coeff"),
+                                          ("unigrad", "--lambd")])
 def test_each_method_gives_the_same_one_line_errors(method, flag, trained, image_folder, capsys):
     module = importlib.import_module(method)
     with pytest.raises(SystemExit) as e:

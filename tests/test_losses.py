@@ -32,7 +32,7 @@ def test_D_stops_the_gradient_of_z():
     assert p.grad is not None and p.grad.abs().sum() > 0
 
 
-def test_simsiam_forward_is_the_symmetrised_loss_of_eq3():
+def test_simsiam_forward_is_the_symmetrised_loss_of_eq4():
     torch.manual_seed(0)
     args = simsiam.Args(image_size=16, dim=32, pred_dim=8)
     model = simsiam.build_model(args).double()

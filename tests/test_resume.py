@@ -18,7 +18,7 @@ def state(out):
     return torch.load(out / "checkpoint.pt", weights_only=False)
 
 
-@pytest.mark.parametrize("method", ["simsiam", "simclr", "mocov1", "byol", "barlow", "vicreg"])
+@pytest.mark.parametrize("method", ["simsiam", "simclr", "mocov1", "byol", "barlow", "vicreg", "unigrad"])
 def test_interrupted_and_resumed_run_ends_with_the_weights_of_a_straight_run(method, image_folder, tmp_path):
     module = importlib.import_module(method)
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
