@@ -129,8 +129,8 @@ def main(args):
     model = run.prepare(build_model(args))  # SyncBN over all ranks, as the official code
     net = dist.unwrap(model)
 
-    # LARS with two parameter groups (Implementation details): weights, and biases + BN parameters (ndim == 1), which skip
-    # weight decay and the trust ratio and get their own, smaller learning rate.
+    # LARS with two parameter groups (Implementation details): weights, and biases + BN parameters
+    # (ndim == 1), which skip weight decay and the trust ratio and get their own, smaller learning rate.
     scale = args.batch_size / 256  # linear scaling rule; paper
     weights = [p for p in net.parameters() if p.ndim > 1]
     biases = [p for p in net.parameters() if p.ndim == 1]

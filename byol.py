@@ -69,7 +69,7 @@ def augment(args, blur, solarize):
 
 # --8<-- [start:model]
 def mlp(in_dim, hidden_dim, out_dim):
-    """g and q: Linear → BN → ReLU → Linear, the last layer without bias or BN; paper §3.3."""
+    """g and q: Linear → BN → ReLU → Linear, no BN on the output (paper §3.3), no bias there (official code)."""
     return nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.BatchNorm1d(hidden_dim), nn.ReLU(inplace=True),
                          nn.Linear(hidden_dim, out_dim, bias=False))
 
@@ -137,7 +137,7 @@ def main(args):
                        augment(args, args.blur1, args.solarize1),
                        augment(args, args.blur2, args.solarize2))  # asymmetric: T and T′, App. B
     loader = data.train_loader(views, args.batch_size, args.workers, args.seed, run.device)
-    model = run.prepare(build_model(args))  # global BN over all ranks, online and target; App. C
+    model = run.prepare(build_model(args))  # global BN over all ranks, online and target; official code
     net = dist.unwrap(model)
 
     init_lr = args.lr * args.batch_size / 256  # linear scaling rule; §3.3
@@ -157,7 +157,7 @@ def main(args):
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()  # θ ← optimizer(θ, ∇_θ L^BYOL, η), Eq. 3
-        net.update_target(tau)  # ξ ← τξ + (1 − τ)θ, Eq. 3, after the optimiser step
+        net.update_target(tau)  # ξ ← τξ + (1 − τ)θ, Eq. 1, after the optimiser step
         # --8<-- [end:train-step]
         run.log(loss, lr=lr, tau=tau, **stats)
 

@@ -104,11 +104,11 @@ class UniGrad(nn.Module):
 
 # --8<-- [start:loss]
 def unigrad_loss(z1, z2, z1m, z2m, F, lambd):
-    """A surrogate whose gradient is UniGrad's (the official README's table): ∂L/∂u₁ = ½(−u₂ᵐ + λ·F u₁)/N
-    per sample, and
-    the same for view 2. z1, z2 online and z1m, z2m momentum embeddings, L2-normalised, (n, d); F (d, d)
-    already updated with this batch. It is the gradient of −cos(u₁, u₂ᵐ) + (λ/2)·u₁ᵀF u₁ with F held
-    fixed; the value is not that objective: only the gradient is meaningful."""
+    """A surrogate whose gradient is UniGrad's (the official README's table): ∂L/∂u₁ = ½(−u₂ᵐ + λ·F u₁)/n per
+    sample, n the rows here (DDP's average over ranks makes it 1/N), and the same for view 2. z1, z2 online
+    and z1m, z2m momentum embeddings, L2-normalised, (n, d); F (d, d), already updated with this batch.
+    It is the gradient of −cos(u₁, u₂ᵐ) + (λ/2)·u₁ᵀF u₁ with F held fixed; the value is not that
+    objective: only the gradient is meaningful."""
     with torch.autocast(z1.device.type, enabled=False):  # float32 even under bf16 autocast
         z1, z2, z1m, z2m = fp32(z1), fp32(z2), fp32(z1m), fp32(z2m)
         g1 = -z2m + lambd * z1 @ F  # (n, d): positive term −u₂ᵐ, negative term λ·F u₁ (F is symmetric)
@@ -165,7 +165,7 @@ def main(args):
 
     for x1, x2 in run.batches(loader):
         # differs from official code: the warmup starts at 0 (not 1e-3 × peak) and the cosine spans the
-        # steps after it (the official one divides by all steps, so it ends a little above its floor)
+        # steps after it (the official one divides by all steps, so it ends near 0.7% of the peak)
         lr = optim.warmup_cosine(run.step, total, warmup, init_lr, final=1e-3 * init_lr)
         optim.set_lr(optimizer, lr)
         net.m.fill_(momentum_schedule(run.step, total, args.m_base))  # per step, from the step count

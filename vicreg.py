@@ -29,12 +29,12 @@ from common.train import Run, fp32
 class Args(cli.System):
     epochs: int = 1000  # CIFAR-10: 1000 epochs; solo-learn cifar/vicreg.yaml (paper: 1000 on ImageNet)
     batch_size: int = 512  # N, global over all ranks; CIFAR-10: as the other methods here (paper 2048)
-    lr: float = 0.3  # base lr, scaled lr × N/256; CIFAR-10: solo-learn (paper 0.2, §4)
-    wd: float = 1e-4  # weight decay, BN and biases excluded; CIFAR-10: solo-learn (paper 1e-6, §4)
-    warmup_epochs: int = 10  # linear warmup, then cosine to 1e-3 × peak; paper §4 and official code
-    sim_coeff: float = 25.0  # λ in Eq. 6, the invariance weight; paper §4
-    std_coeff: float = 25.0  # μ in Eq. 6, the variance weight; paper §4
-    cov_coeff: float = 1.0  # ν in Eq. 6, the covariance weight; paper §4
+    lr: float = 0.3  # base lr, scaled lr × N/256; CIFAR-10: solo-learn (paper 0.2, §4.2)
+    wd: float = 1e-4  # weight decay, BN and biases excluded; CIFAR-10: solo-learn (paper 1e-6, §4.2)
+    warmup_epochs: int = 10  # linear warmup, then cosine to 1e-3 × peak; paper §4.2 and official code
+    sim_coeff: float = 25.0  # λ in Eq. 6, the invariance weight; paper §4.2
+    std_coeff: float = 25.0  # μ in Eq. 6, the variance weight (on the halved term); paper §4.2
+    cov_coeff: float = 1.0  # ν in Eq. 6, the covariance weight; paper §4.2
     dim: int = 2048  # width of the three expander layers; CIFAR-10: solo-learn (paper 8192)
     crop_min: float = 0.2  # smallest crop area; CIFAR-10: solo-learn (paper 0.08)
     blur1: float = 0.0  # Gaussian blur probability, view 1; CIFAR-10: none at 32 px, solo-learn (paper 1.0)
@@ -43,7 +43,7 @@ class Args(cli.System):
     solarize2: float = 0.1  # solarization probability, view 2; CIFAR-10: solo-learn (paper 0.2)
 
 
-PRESETS = {  # the paper's ImageNet recipe, §4: ResNet-50, LARS lr 0.2 × N/256, wd 1e-6, N 2048, 8192-d
+PRESETS = {  # the paper's ImageNet recipe, §4.2: ResNet-50, LARS lr 0.2 × N/256, wd 1e-6, N 2048, 8192-d
     "imagenet": dict(arch="resnet50", epochs=1000, batch_size=2048, lr=0.2, wd=1e-6, dim=8192, crop_min=0.08,
                      blur1=1.0, blur2=0.1, solarize1=0.0, solarize2=0.2),
 }
@@ -69,7 +69,8 @@ def augment(args, blur, solarize):
 
 # --8<-- [start:model]
 def expander(in_dim, dim):
-    """h_φ: three Linear layers of width dim, BN + ReLU after the first two; the last Linear bias-free; §4."""
+    """h_φ: three Linear layers of width dim, BN + ReLU after the first two (§4.2); the last without bias
+    (official code)."""
     return nn.Sequential(nn.Linear(in_dim, dim), nn.BatchNorm1d(dim), nn.ReLU(inplace=True),
                          nn.Linear(dim, dim), nn.BatchNorm1d(dim), nn.ReLU(inplace=True),
                          nn.Linear(dim, dim, bias=False))
@@ -132,13 +133,13 @@ def main(args):
     run = Run(args)  # torchrun set-up, seeds, run directory
     views = data.Views(data.dataset(args.dataset, args.data_dir, "pretrain", args.image_size),
                        augment(args, args.blur1, args.solarize1),
-                       augment(args, args.blur2, args.solarize2))  # asymmetric views, as BYOL; official augmentations.py
+                       augment(args, args.blur2, args.solarize2))  # asymmetric views (official augmentations.py)
     loader = data.train_loader(views, args.batch_size, args.workers, args.seed, run.device)
     model = run.prepare(build_model(args))  # SyncBN over all ranks, as the official code
     net = dist.unwrap(model)
 
-    init_lr = args.lr * args.batch_size / 256  # linear scaling rule; §4
-    # LARS: BN parameters and biases (ndim == 1) skip weight decay and the trust ratio; §4
+    init_lr = args.lr * args.batch_size / 256  # linear scaling rule; §4.2
+    # LARS: BN parameters and biases (ndim == 1) skip weight decay and the trust ratio; §4.2
     optimizer = optim.LARS(net.parameters(), lr=init_lr, weight_decay=args.wd, momentum=0.9)
     run.watch(model, optimizer, backbone=net.backbone)  # resumes from OUT/checkpoint.pt if there is one
     total, warmup = args.epochs * len(loader), args.warmup_epochs * len(loader)
