@@ -134,9 +134,9 @@ def momentum_update(encoder_q, encoder_k, m):
 def dequeue_and_enqueue(queue, ptr, k):
     """Enqueue the keys of all ranks (global order), dequeue the oldest: a FIFO of K keys; §3.1."""
     keys = dist.gather(k)  # (N, dim)
-    i = int(ptr)
-    queue[:, i:i + len(keys)] = keys.T  # K is a multiple of N: the block never wraps
-    ptr.fill_((i + len(keys)) % queue.shape[1])
+    slots = ptr + torch.arange(len(keys), device=ptr.device)  # K is a multiple of N: the block never wraps
+    queue.index_copy_(1, slots, keys.T.to(queue.dtype))  # (the pointer stays on the device: no host sync)
+    ptr.add_(len(keys)).remainder_(queue.shape[1])
 
 
 @torch.no_grad()

@@ -16,21 +16,28 @@ class LARS(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self):
+        # One kernel per operation over all tensors (torch._foreach_*), not one per parameter; nothing
+        # waits for the device: the trust ratios stay tensors.
         for group in self.param_groups:
-            for w in group["params"]:
-                if w.grad is None:
-                    continue
-                g = w.grad
-                if w.ndim > 1:
-                    g = g.add(w, alpha=group["weight_decay"])
-                    w_norm, g_norm = torch.linalg.vector_norm(w), torch.linalg.vector_norm(g)
-                    ratio = group["eta"] * w_norm / g_norm
-                    g = g * torch.where((w_norm > 0) & (g_norm > 0), ratio, torch.ones_like(ratio))
-                state = self.state[w]
-                if "mu" not in state:
-                    state["mu"] = torch.zeros_like(w)
-                mu = state["mu"].mul_(group["momentum"]).add_(g)
-                w.add_(mu, alpha=-group["lr"])
+            params = [w for w in group["params"] if w.grad is not None]
+            grads = [w.grad for w in params]
+            matrices = [i for i, w in enumerate(params) if w.ndim > 1]  # ndim == 1: no decay, no trust ratio
+            if matrices:
+                w = [params[i] for i in matrices]
+                g = torch._foreach_add([grads[i] for i in matrices], w, alpha=group["weight_decay"])  # g + wd·w
+                w_norm, g_norm = torch.stack(torch._foreach_norm(w)), torch.stack(torch._foreach_norm(g))
+                ratio = group["eta"] * w_norm / g_norm
+                ratio = torch.where((w_norm > 0) & (g_norm > 0), ratio, torch.ones_like(ratio))
+                torch._foreach_mul_(g, list(ratio.unbind()))  # g · η‖w‖/‖g‖
+                for i, g_i in zip(matrices, g):
+                    grads[i] = g_i
+            for w in params:
+                if "mu" not in self.state[w]:
+                    self.state[w]["mu"] = torch.zeros_like(w)
+            mu = [self.state[w]["mu"] for w in params]
+            torch._foreach_mul_(mu, group["momentum"])
+            torch._foreach_add_(mu, grads)  # μ ← momentum·μ + g
+            torch._foreach_add_(params, mu, alpha=-group["lr"])  # w ← w − lr·μ
 
 
 def cosine(t, total, base, final=0.0):

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from common import data, dist, evaluate
+from common import data, dist, evaluate, gpu_augment
 
 
 def save_atomic(obj, path):
@@ -177,10 +177,11 @@ class Run:
         stop = min(args.max_steps or self.total_steps, self.total_steps)
         self._time, self._step0 = time.time(), self.step
         try:
+            epoch_views = self.views(loader)
             while self.step < stop:
                 loader.sampler.set_epoch(self.epoch, skip=(self.step % self.steps_per_epoch) * loader.batch_size)
-                for x1, x2 in loader:
-                    yield self._to_device(x1), self._to_device(x2)
+                for x1, x2 in epoch_views(self.step):
+                    yield x1, x2
                     self.step += 1
                     if self.step % args.log_every == 0 or self.step == stop:
                         self._flush()
@@ -205,8 +206,20 @@ class Run:
             print(f"done: {self.dir / 'backbone.pt'}", flush=True)
         dist.cleanup()
 
+    def views(self, loader):
+        """step -> the rest of the epoch's view pairs, on the device: the loader's batches, or with
+        --gpu-augment, made on the device from the loader's dataset and sampler (common.gpu_augment)."""
+        if not self.args.gpu_augment:
+            return lambda step: ((self._to_device(x1), self._to_device(x2)) for x1, x2 in loader)
+        try:
+            made = gpu_augment.DeviceViews(loader.dataset, self.device, self.args.seed, self.args.workers)
+        except gpu_augment.Unsupported as e:
+            dist.fail(str(e))
+        return lambda step: ((self._to_device(x1), self._to_device(x2))
+                             for x1, x2 in made.epoch(loader.sampler, loader.batch_size, step))
+
     def _to_device(self, x):
-        if self.device.type == "cuda":
+        if self.device.type == "cuda":  # (a copy from pinned memory; on-device views change layout only)
             return x.to(self.device, non_blocking=True, memory_format=torch.channels_last)
         return x
 
@@ -241,9 +254,12 @@ class Run:
                       f"{self.dir / 'checkpoint.pt'} keeps the last good state (lower --lr, or check the data)")
 
     def _flush(self):
+        """A progress line and a metrics.jsonl row. Here and at the checkpoints of epoch ends the loop waits
+        for the device; nowhere else (`log` keeps tensors on the device)."""
         self._check_finite()
-        values = {k: float(dist.all_reduce_mean(torch.as_tensor(v, dtype=torch.float64, device=self.device)))
-                  for k, v in self._logged.items()}
+        row = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=self.device).reshape(())
+                           for v in self._logged.values()])
+        values = dict(zip(self._logged, dist.all_reduce_mean(row).tolist()))  # one transfer for all values
         now = time.time()
         speed = (self.step - self._step0) * self.args.batch_size / max(now - self._time, 1e-9)
         eta = (self.total_steps - self.step) * self.args.batch_size / max(speed, 1e-9)
