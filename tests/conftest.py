@@ -159,3 +159,12 @@ def run_main(module, *argv):
     """A method's real main() in this process: module.main(cli.parse(Args, PRESETS, argv))."""
     from common import cli
     return module.main(cli.parse(module.Args, getattr(module, "PRESETS", {}), [str(a) for a in argv]))
+
+
+def pytest_collection_modifyitems(config, items):
+    """Under pytest-xdist (--dist loadgroup), tests sharing an expensive session fixture run on one
+    worker, which then starts it once: the gloo process groups, the extracted CIFAR-10 subset."""
+    for item in items:
+        for fixture, group in (("gloo", "gloo"), ("cifar_subset", "learning")):
+            if fixture in getattr(item, "fixturenames", ()):
+                item.add_marker(pytest.mark.xdist_group(group))
