@@ -8,6 +8,8 @@ import dataclasses
 import inspect
 import typing
 import re
+import signal
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -96,6 +98,12 @@ def parse(Args, presets=None, argv=None):
     for name in ("epochs", "batch_size", "image_size"):
         if getattr(args, name, 1) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if argv is None and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, _interrupted_while_starting)  # Run.batches takes over during training
     return args
+
+
+def _interrupted_while_starting(signum, frame):
+    raise SystemExit("interrupted before training; no checkpoint was changed")
 
 

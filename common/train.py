@@ -170,41 +170,72 @@ class Run:
     # --- the loop ----------------------------------------------------------------------------------
 
     def batches(self, loader):
-        """Yield the two views of each step on the device, from the resumed step to the end of training."""
+        """Yield the two views of each step on the device, from the resumed step to the end of training.
+
+        Ctrl-C is taken between steps: the step under way finishes, then the run ends with one line
+        (a second Ctrl-C ends it at once). The last checkpoint is never touched by the interruption."""
         args = self.args
         self.steps_per_epoch = loader.sampler.num_samples // loader.batch_size
         self.total_steps = args.epochs * self.steps_per_epoch
         stop = min(args.max_steps or self.total_steps, self.total_steps)
         self._time, self._step0 = time.time(), self.step
-        try:
-            epoch_views = self.views(loader)
-            while self.step < stop:
-                loader.sampler.set_epoch(self.epoch, skip=(self.step % self.steps_per_epoch) * loader.batch_size)
-                for x1, x2 in epoch_views(self.step):
-                    yield x1, x2
-                    self.step += 1
-                    if self.step % args.log_every == 0 or self.step == stop:
-                        self._flush()
-                    if self.step == stop:
-                        break
-                if self.step % self.steps_per_epoch == 0:  # an epoch ended
-                    self.epoch += 1
-                    if self.step < stop:  # the last epoch's evaluation and checkpoint follow the loop
-                        if args.knn_every > 0 and self.epoch % args.knn_every == 0:
-                            self.knn()
-                        self.save()
-            self.knn()
-            self.save()
-        except data.DataError as e:
-            dist.fail(data.DataError.line(e))
-        except KeyboardInterrupt:
-            ckpt = self.dir / "checkpoint.pt"
-            raise SystemExit(f"interrupted at step {self.step}; " + (
-                f"the same command resumes from {ckpt} (the last epoch end)" if ckpt.exists()
-                else "no checkpoint was written yet")) from None
+        with self._interrupt_between_steps() as interrupted:
+            try:
+                epoch_views = self.views(loader)
+                while self.step < stop:
+                    loader.sampler.set_epoch(self.epoch, skip=(self.step % self.steps_per_epoch) * loader.batch_size)
+                    for x1, x2 in epoch_views(self.step):
+                        if interrupted:
+                            raise KeyboardInterrupt
+                        yield x1, x2
+                        self.step += 1
+                        if interrupted:
+                            raise KeyboardInterrupt
+                        if self.step % args.log_every == 0 or self.step == stop:
+                            self._flush()
+                        if self.step == stop:
+                            break
+                    if self.step % self.steps_per_epoch == 0:  # an epoch ended
+                        self.epoch += 1
+                        if self.step < stop:  # the last epoch's evaluation and checkpoint follow the loop
+                            if args.knn_every > 0 and self.epoch % args.knn_every == 0:
+                                self.knn()
+                            self.save()
+                self.knn()
+                self.save()
+            except data.DataError as e:
+                dist.fail(data.DataError.line(e))
+            except KeyboardInterrupt:
+                raise SystemExit(self._interrupted_line()) from None
         if dist.is_main():
             print(f"done: {self.dir / 'backbone.pt'}", flush=True)
         dist.cleanup()
+
+    def _interrupted_line(self):
+        ckpt = self.dir / "checkpoint.pt"
+        return f"interrupted at step {self.step}; " + (
+            f"the same command resumes from {ckpt} (the last epoch end)" if ckpt.exists()
+            else "no checkpoint was written yet")
+
+    @contextlib.contextmanager
+    def _interrupt_between_steps(self):
+        """A Ctrl-C handler that only raises a flag, so that the interruption is raised inside batches(),
+        not in the middle of the method's step (which would end the run with a traceback)."""
+        interrupted = []
+        if threading.current_thread() is not threading.main_thread():
+            yield interrupted
+            return
+
+        def handler(signum, frame):
+            if interrupted:  # the second Ctrl-C: end now
+                raise SystemExit(self._interrupted_line())
+            interrupted.append(signum)
+
+        previous = signal.signal(signal.SIGINT, handler)
+        try:
+            yield interrupted
+        finally:
+            signal.signal(signal.SIGINT, previous)
 
     def views(self, loader):
         """step -> the rest of the epoch's view pairs, on the device: the loader's batches, or with

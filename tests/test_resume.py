@@ -93,3 +93,63 @@ def test_ctrl_c_ends_with_one_line_and_a_whole_checkpoint(tmp_path):
     assert len(err.strip().splitlines()) == 1 and "interrupted at step" in err and "resumes from" in err, err
     step = state(out)["step"]
     assert step >= 8 and step % 8 == 0
+
+
+def _sigint_inside_step(module, monkeypatch, at_call, times):
+    """Wrap module.build_model so that the model's forward sends itself Ctrl-C `times` times at
+    forward call `at_call`: the signal lands in the middle of the method's step."""
+    import os
+    import threading
+    assert threading.current_thread() is threading.main_thread()  # Python delivers signals there only
+    build, calls = module.build_model, []
+
+    def build_model(args):
+        model = build(args)
+
+        def hook(*_):
+            calls.append(1)
+            if len(calls) == at_call:
+                for _ in range(times):
+                    os.kill(os.getpid(), signal.SIGINT)
+                    time.sleep(0.01)  # the handler runs at the next bytecode boundary
+                torch.ones(1).sum()  # ...of the step, which is still under way
+        model.register_forward_pre_hook(hook)
+        return model
+    monkeypatch.setattr(module, "build_model", build_model)
+    return calls
+
+
+def test_ctrl_c_inside_a_step_ends_after_that_step_with_one_line(monkeypatch, image_folder, tmp_path):
+    import simsiam
+    calls = _sigint_inside_step(simsiam, monkeypatch, at_call=5, times=1)  # epoch 1 ends at step 3
+    previous = signal.getsignal(signal.SIGINT)
+    with pytest.raises(SystemExit) as e:
+        run_main(simsiam, "--dataset", "folder", "--data-dir", image_folder, *ARGS, "--out", tmp_path)
+    assert str(e.value) == f"interrupted at step 5; the same command resumes from {tmp_path / 'checkpoint.pt'} " \
+                          "(the last epoch end)"
+    assert len(calls) == 5 and state(tmp_path)["step"] == 3  # the step under way finished; nothing was saved after
+    assert signal.getsignal(signal.SIGINT) is previous  # the run's handler is gone with the run
+
+
+def test_a_second_ctrl_c_ends_the_step_at_once(monkeypatch, image_folder, tmp_path):
+    import simsiam
+    _sigint_inside_step(simsiam, monkeypatch, at_call=2, times=2)
+    with pytest.raises(SystemExit) as e:
+        run_main(simsiam, "--dataset", "folder", "--data-dir", image_folder, *ARGS, "--out", tmp_path)
+    assert str(e.value) == "interrupted at step 1; no checkpoint was written yet"
+    assert not (tmp_path / "checkpoint.pt").exists()
+
+
+def test_ctrl_c_before_training_ends_with_one_line(monkeypatch):
+    import os
+    import simsiam
+    from common import cli
+    previous = signal.getsignal(signal.SIGINT)
+    monkeypatch.setattr(sys, "argv", ["simsiam.py", "--dataset", "synthetic"])
+    try:
+        cli.parse(simsiam.Args, simsiam.PRESETS)  # the real command line: the handler is installed
+        with pytest.raises(SystemExit, match="^interrupted before training; no checkpoint was changed$"):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)
+    finally:
+        signal.signal(signal.SIGINT, previous)
