@@ -9,6 +9,7 @@ import inspect
 import typing
 import re
 import signal
+import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -100,7 +101,19 @@ def parse(Args, presets=None, argv=None):
             parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     if argv is None and threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGINT, _interrupted_while_starting)  # Run.batches takes over during training
+        sys.excepthook = _one_line_for_bad_sizes
     return args
+
+
+def _one_line_for_bad_sizes(kind, error, tb):
+    """A batch or an image too small for BatchNorm fails deep inside the model's step: say which flags
+    to change, in one line, instead of the traceback. Any other error keeps its traceback."""
+    if kind is ValueError and "Expected more than 1 value per channel when training" in str(error):
+        shape = str(error).rsplit("input size ", 1)[-1]
+        sys.stderr.write(f"error: a BatchNorm layer got one value per channel ({shape}): raise --batch-size or "
+                         f"--image-size (or lower --bn-splits where the method has it)\n")
+        return
+    sys.__excepthook__(kind, error, tb)
 
 
 def _interrupted_while_starting(signum, frame):

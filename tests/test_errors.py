@@ -53,6 +53,16 @@ def test_unreadable_image_inside_a_loader_worker(tmp_path):
     assert "cannot read image" in line and "2.png" in line
 
 
+@pytest.mark.parametrize("script, argv", [
+    ("simsiam.py", ["--batch-size", "1"]),  # the projector's BatchNorm1d sees one sample
+    ("mocov1.py", ["--batch-size", "8", "--image-size", "8"]),  # SplitBN: 1 image per split, 1x1 last map
+])
+def test_a_batch_too_small_for_batchnorm(script, argv, tmp_path):
+    p = run_cli(script, "--dataset", "synthetic", *TINY, *argv, "--out", tmp_path, check=False)
+    line = one_line_error(p)
+    assert "one value per channel" in line and "--batch-size" in line and "--image-size" in line
+
+
 def test_batch_not_divisible_by_the_world_size(image_folder, tmp_path):
     p = torchrun("simsiam.py", "--dataset", "folder", "--data-dir", image_folder, *TINY, "--batch-size", "7",
                  "--out", tmp_path, check=False)
