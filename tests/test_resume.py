@@ -146,6 +146,7 @@ def test_ctrl_c_before_training_ends_with_one_line(monkeypatch):
     from common import cli
     previous = signal.getsignal(signal.SIGINT)
     monkeypatch.setattr(sys, "argv", ["simsiam.py", "--dataset", "synthetic"])
+    monkeypatch.setattr(sys, "excepthook", sys.excepthook)  # parse() sets its own; undone after the test
     try:
         cli.parse(simsiam.Args, simsiam.PRESETS)  # the real command line: the handler is installed
         with pytest.raises(SystemExit, match="^interrupted before training; no checkpoint was changed$"):
