@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from einops import rearrange, reduce
 from torchvision.transforms import v2
 
 from common import cli, data, dist, optim, resnet
@@ -70,14 +71,17 @@ class SplitBatchNorm(nn.BatchNorm2d):
     def forward(self, x):
         if not self.training or self.splits == 1:
             return super().forward(x)
-        n, c, h, w = x.shape
         S = self.splits
         mean, var = self.running_mean.repeat(S), self.running_var.repeat(S)  # one copy per sub-batch
-        y = F.batch_norm(x.view(n // S, c * S, h, w), mean, var, self.weight.repeat(S), self.bias.repeat(S),
-                         True, self.momentum, self.eps)  # sample i lands in sub-batch i % S
-        self.running_mean.copy_(mean.view(S, c).mean(0))
-        self.running_var.copy_(var.view(S, c).mean(0))
-        return y.view(n, c, h, w)
+        # sample i lands in sub-batch i % S: the S sub-batches side by side as S·C channels of one BN
+        # (rearrange copies where a view cannot, as for a channels_last input)
+        y = F.batch_norm(rearrange(x, "(n s) c h w -> n (s c) h w", s=S), mean, var,
+                         self.weight.repeat(S), self.bias.repeat(S), True, self.momentum, self.eps)
+        self.running_mean.copy_(reduce(mean, "(s c) -> c", "mean", s=S))  # the sub-batches' statistics, averaged
+        self.running_var.copy_(reduce(var, "(s c) -> c", "mean", s=S))
+        y = rearrange(y, "n (s c) h w -> (n s) c h w", s=S)
+        channels_last = x.is_contiguous(memory_format=torch.channels_last)
+        return y.contiguous(memory_format=torch.channels_last) if channels_last else y  # in the input's layout
 
 
 def encoder(args, splits):
@@ -144,8 +148,8 @@ def shuffle(x):
     """Shuffle the key batch across ranks (in-batch on one process); return it and the inverse map."""
     x_all = dist.gather(x)  # (N, ...)
     perm = dist.broadcast(torch.randperm(len(x_all), device=x.device))  # made on rank 0
-    mine = perm.view(dist.world(), -1)[dist.rank()]  # this rank's slice of the shuffled batch
-    inverse = torch.argsort(perm).view(dist.world(), -1)[dist.rank()]
+    mine = rearrange(perm, "(w n) -> w n", w=dist.world())[dist.rank()]  # this rank's slice of the shuffled batch
+    inverse = rearrange(torch.argsort(perm), "(w n) -> w n", w=dist.world())[dist.rank()]
 
     def unshuffle(k):
         return dist.gather(k)[inverse]  # each key back beside its query

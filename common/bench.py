@@ -121,7 +121,7 @@ def drive(run, loader, opts, result, base_memory):
     result["model"] = model
 
     # overhead: the method's step and the bare backbone's, alternated
-    backbone = torch.compile(run.backbone) if run.args.compile else run.backbone
+    backbone = torch.compile(run.backbone, backend=run.args.compile_backend) if run.args.compile else run.backbone
 
     def bare():
         with run.autocast():

@@ -1,8 +1,6 @@
 """Weighted kNN monitor (Wu et al. 2018): k = 200 neighbours, weights exp(cos/t), t = 0.1.
 
 Memory: the training set without augmentation; queries: the test set; both sharded over ranks."""
-import contextlib
-
 import torch
 import torch.nn.functional as F
 
@@ -10,15 +8,15 @@ from common import dist
 
 
 @torch.no_grad()
-def features(backbone, loader, device, amp=False):
-    """L2-normalised backbone features and labels of this rank's shard. (n, dim), (n,)"""
+def features(backbone, loader, gpu):
+    """L2-normalised backbone features and labels of this rank's shard, on `gpu` (a common.device.GpuPath:
+    its layout and autocast). (n, dim), (n,)"""
     feats, labels = [], []
-    autocast = torch.autocast("cuda", torch.bfloat16) if amp and device.type == "cuda" else contextlib.nullcontext()
     for x, y in loader:
-        with autocast:
-            f = backbone(x.to(device, non_blocking=True))
+        with gpu.autocast():
+            f = backbone(gpu.inputs(x))
         feats.append(F.normalize(f.float(), dim=1))
-        labels.append(y.to(device))
+        labels.append(y.to(gpu.device))
     return torch.cat(feats), torch.cat(labels)
 
 
@@ -48,16 +46,16 @@ def knn_predict(queries, memory, memory_labels, k=200, t=0.1, num_classes=None, 
 
 
 @torch.no_grad()
-def knn(backbone, memory_loader, test_loader, device, k=200, t=0.1, amp=False):
+def knn(backbone, memory_loader, test_loader, gpu, k=200, t=0.1):
     """kNN top-1 accuracy (a fraction) of `backbone` over the whole test set, the same on all ranks."""
     training = backbone.training
     backbone.eval()
-    memory, memory_labels = features(backbone, memory_loader, device, amp)
+    memory, memory_labels = features(backbone, memory_loader, gpu)
     memory, memory_labels = gather_uneven(memory), gather_uneven(memory_labels)
-    queries, labels = features(backbone, test_loader, device, amp)
+    queries, labels = features(backbone, test_loader, gpu)
     num_classes = int(memory_labels.max()) + 1
     correct = (knn_predict(queries, memory, memory_labels, k, t, num_classes) == labels).sum()
-    counts = torch.stack([correct, torch.tensor(len(labels), device=device)]).double()
+    counts = torch.stack([correct, torch.tensor(len(labels), device=gpu.device)]).double()
     counts = dist.all_reduce_mean(counts) * dist.world()
     backbone.train(training)
     return (counts[0] / counts[1]).item()

@@ -17,6 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from common import cli, data, dist, evaluate, optim, resnet
+from common.device import GpuPath
 
 
 @dataclass
@@ -74,7 +75,7 @@ def main(args):
     sets = [data.Transformed(data.dataset(args.dataset, args.data_dir, s, args.image_size), t) for s in ("train", "test")]
     try:
         (train_x, train_y), (test_x, test_y) = [
-            evaluate.features(backbone, data.eval_loader(d, 256, args.workers, device), device) for d in sets]
+            evaluate.features(backbone, data.eval_loader(d, 256, args.workers, device), GpuPath(device)) for d in sets]
     except data.DataError as e:
         dist.fail(data.DataError.line(e))
     top1 = probe(train_x, train_y, test_x, test_y, args.epochs, args.batch_size, args.lr, args.wd, args.seed)

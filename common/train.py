@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from common import data, dist, evaluate, gpu_augment
+from common.device import GpuPath
 
 
 def save_atomic(obj, path):
@@ -69,12 +70,14 @@ def fp32(x):
     return x if x.dtype == torch.float64 else x.float()
 
 
-def prepare(model, device, compile=False, sync_bn=True):
-    """Move to the device (channels_last on CUDA), global BatchNorm (unless sync_bn=False) and DDP when
-    distributed, compile."""
-    model = model.to(device, memory_format=torch.channels_last if device.type == "cuda" else torch.preserve_format)
-    model = dist.wrap(dist.sync_batchnorm(model, device) if sync_bn else model, device)
-    return torch.compile(model) if compile else model
+def prepare(model, gpu, compile=False, sync_bn=True, backend="inductor"):
+    """On the device (channels_last on the GPU path), global BatchNorm (unless sync_bn=False) and DDP when
+    distributed, compiled with --compile."""
+    model = gpu.model(model)
+    if sync_bn:
+        model = dist.sync_batchnorm(model, gpu.device)
+    model = dist.wrap(model, gpu.device)
+    return torch.compile(model, backend=backend) if compile else model
 
 
 class Run:
@@ -84,9 +87,7 @@ class Run:
         if self.method == "__main__":
             self.method = Path(sys.argv[0]).stem
         self.device = dist.setup(args.device)
-        if self.device.type == "cuda":
-            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-            torch.backends.cudnn.benchmark = True
+        self.gpu = GpuPath(self.device, args.amp)  # channels_last, bf16 autocast, TF32: on CUDA (common.device)
         torch.manual_seed(args.seed)  # the same initial weights on every rank
         random.seed(args.seed)
         self.dir = Path(args.out)
@@ -100,19 +101,18 @@ class Run:
                     dist.fail(f"{self.dir / 'checkpoint.pt'} exists and --no-resume was given; pass a new --out, "
                               f"or delete that checkpoint to start over")
                 (self.dir / "config.json").write_text(json.dumps(
-                    {"method": self.method, "world_size": dist.world(), **dataclasses.asdict(args)}, indent=2))
+                    {"method": self.method, "world_size": dist.world(), **dataclasses.asdict(args),
+                     "hardware": self.gpu.describe()}, indent=2))
             except OSError as e:
                 dist.fail(f"cannot write to the run directory {self.dir} ({e.strerror}); pass a writable --out")
         dist.barrier()
 
     def autocast(self):
-        """bf16 autocast on CUDA when --amp (the default); nothing on CPU."""
-        if self.args.amp and self.device.type == "cuda":
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-        return contextlib.nullcontext()
+        """bf16 autocast on the GPU path when --amp (the default); nothing on the CPU."""
+        return self.gpu.autocast()
 
     def prepare(self, model, sync_bn=True):
-        return prepare(model, self.device, self.args.compile, sync_bn)
+        return prepare(model, self.gpu, self.args.compile, sync_bn, self.args.compile_backend)
 
     # --- checkpoints -------------------------------------------------------------------------------
 
@@ -250,9 +250,7 @@ class Run:
                              for x1, x2 in made.epoch(loader.sampler, loader.batch_size, step))
 
     def _to_device(self, x):
-        if self.device.type == "cuda":  # (a copy from pinned memory; on-device views change layout only)
-            return x.to(self.device, non_blocking=True, memory_format=torch.channels_last)
-        return x
+        return self.gpu.inputs(x)  # (a copy from pinned memory on CUDA; on-device views change layout only)
 
     def knn(self):
         if self.args.knn_every < 0:
@@ -262,7 +260,7 @@ class Run:
             t = data.eval_transform(a.dataset, a.image_size)
             self._knn_data = [data.eval_loader(data.Transformed(data.dataset(a.dataset, a.data_dir, split, a.image_size), t),
                                                256, a.workers, self.device) for split in ("train", "test")]
-        top1 = evaluate.knn(self.backbone, *self._knn_data, self.device, self.args.knn_k, self.args.knn_t, self.args.amp)
+        top1 = evaluate.knn(self.backbone, *self._knn_data, self.gpu, self.args.knn_k, self.args.knn_t)
         self._write({"step": self.step, "epoch": self.epoch, "knn_top1": top1})
         if dist.is_main():
             print(f"epoch {self.epoch} step {self.step}: kNN top-1 {100 * top1:.2f}%", flush=True)

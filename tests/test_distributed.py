@@ -4,12 +4,31 @@ import importlib
 import pytest
 import torch
 
-from common import data, dist, evaluate
+from common import data, dist, evaluate, train
+from common.device import GpuPath
 
 
 def contrastive_like(x_all, anchors):
     """A loss whose anchors see every sample: mean over anchors a of logsumexp_j(x_a·x_j)."""
     return torch.logsumexp(anchors @ x_all.T, dim=1).mean()
+
+
+def _gather_channels_last(rank, world, x, weights):
+    n = len(x) // world
+    mine = x[rank * n:(rank + 1) * n].contiguous(memory_format=torch.channels_last).requires_grad_()
+    everyone = dist.gather_with_grad(mine)
+    (everyone * weights).sum().backward()
+    return {"gathered": dist.gather(mine.detach()), "with_grad": everyone.detach(), "grad": mine.grad}
+
+
+def test_gathers_of_a_channels_last_batch(gloo):
+    """MoCo's ShuffleBN gathers the key images, which the GPU path holds in channels_last."""
+    torch.manual_seed(0)
+    x, weights = torch.randn(4, 3, 2, 2, dtype=torch.float64), torch.randn(4, 3, 2, 2, dtype=torch.float64)
+    for r, res in enumerate(gloo(2).run(_gather_channels_last, x, weights)):
+        torch.testing.assert_close(res["gathered"], x, rtol=0, atol=0)
+        torch.testing.assert_close(res["with_grad"], x, rtol=0, atol=0)
+        torch.testing.assert_close(res["grad"], 2 * weights[2 * r:2 * r + 2])  # both ranks' losses
 
 
 def _gather_with_grad(rank, world, x):
@@ -37,10 +56,10 @@ def test_gather_with_grad_gives_the_single_process_gradient(world, gloo):
 def _method_step(rank, world, method, x1, x2, args):
     module = importlib.import_module(method)
     torch.manual_seed(0)
-    model = module.build_model(args).double()
-    model = dist.wrap(dist.sync_batchnorm(model, torch.device("cpu")), torch.device("cpu"))
+    gpu = GpuPath("cpu", amp=False, on=True)  # the ranks run the GPU path's layout, channels_last, in float64
+    model = train.prepare(module.build_model(args).double(), gpu)  # as Run: device, global BN, DDP
     n = len(x1) // world
-    loss, _ = model(x1[rank * n:(rank + 1) * n], x2[rank * n:(rank + 1) * n])
+    loss, _ = model(gpu.inputs(x1[rank * n:(rank + 1) * n]), gpu.inputs(x2[rank * n:(rank + 1) * n]))
     loss.backward()
     net = dist.unwrap(model)
     return {"loss": dist.all_reduce_mean(loss.detach()),
@@ -61,8 +80,8 @@ SMALL_ARGS = {
 @pytest.mark.parametrize("world", [2, 3])
 @pytest.mark.parametrize("method", sorted(SMALL_ARGS))
 def test_one_step_on_W_ranks_equals_one_process(method, world, gloo):
-    """W ranks of N/W samples (global BN, DDP, gathers) give the loss, every parameter gradient and
-    every BN running statistic of one process with all N samples."""
+    """W ranks of N/W samples (global BN, DDP, gathers), in channels_last, give the loss, every parameter
+    gradient and every BN running statistic of one process with all N samples in the default layout."""
     module = importlib.import_module(method)
     args = SMALL_ARGS[method](module)
     torch.manual_seed(1)
@@ -91,7 +110,7 @@ def _knn(rank, world, memory, memory_labels, queries, labels):
     device = torch.device("cpu")
     mem = data.eval_loader(pairs(memory, memory_labels), 7, 0, device)
     test = data.eval_loader(pairs(queries, labels), 5, 0, device)
-    return evaluate.knn(Identity(), mem, test, device, k=5, t=0.1)
+    return evaluate.knn(Identity(), mem, test, GpuPath(device), k=5, t=0.1)
 
 
 def test_knn_over_ranks_equals_one_process(gloo):

@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import mocov1
 import mocov2
@@ -49,17 +50,33 @@ def test_queue_is_a_fifo_with_a_wrapping_pointer():
     assert queue[0].tolist() == [4, 4, 2, 2, 3, 3]  # batch 1, the oldest, was replaced by batch 4
 
 
-def test_split_batchnorm_normalises_each_interleaved_sub_batch():
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_split_batchnorm_normalises_each_interleaved_sub_batch(layout):
+    """Each sub-batch s (samples s, s+S, s+2S, ...) normalised by its own statistics with the shared γ and β,
+    forward and backward, in either memory layout (the GPU path's channels_last included)."""
     torch.manual_seed(0)
-    x = torch.randn(8, 3, 4, 4, dtype=torch.float64)
-    split = mocov1.SplitBatchNorm(3, splits=2).double()
-    plain = torch.nn.BatchNorm2d(3).double()
+    S = 4
+    x = torch.randn(16, 3, 4, 4, dtype=torch.float64).contiguous(memory_format=layout).requires_grad_()
+    split = mocov1.SplitBatchNorm(3, splits=S).double()
+    with torch.no_grad():  # not the identity of a fresh BN
+        split.weight.uniform_(0.5, 2.0)
+        split.bias.normal_()
     y = split(x)
-    for s in range(2):  # samples s, s+2, s+4, ... form sub-batch s
-        torch.testing.assert_close(y[s::2], torch.nn.functional.batch_norm(x[s::2], None, None, training=True))
-    means = [x[s::2].mean((0, 2, 3)) for s in range(2)]
-    torch.testing.assert_close(split.running_mean, 0.1 * (means[0] + means[1]) / 2)
-    plain(x)
+    assert y.is_contiguous(memory_format=layout)  # the output keeps the input's layout
+    x_ref, w, b = (t.detach().clone().requires_grad_() for t in (x, split.weight, split.bias))
+    y_ref = torch.stack([F.batch_norm(x_ref[s::S], None, None, w, b, training=True) for s in range(S)], dim=1)
+    y_ref = y_ref.flatten(0, 1)  # (n/S, S, ...) -> sample a·S + s back at its place
+    torch.testing.assert_close(y, y_ref)
+    g = torch.randn_like(y)
+    (y * g).sum().backward()
+    (y_ref * g).sum().backward()
+    for got, want in [(x.grad, x_ref.grad), (split.weight.grad, w.grad), (split.bias.grad, b.grad)]:
+        torch.testing.assert_close(got, want)
+    sub = [x.detach()[s::S] for s in range(S)]
+    torch.testing.assert_close(split.running_mean, 0.1 * sum(t.mean((0, 2, 3)) for t in sub) / S)
+    torch.testing.assert_close(split.running_var, 0.9 + 0.1 * sum(t.var((0, 2, 3)) for t in sub) / S)
+    plain = torch.nn.BatchNorm2d(3).double()
+    plain(x.detach())
     assert not torch.allclose(plain.running_var, split.running_var)
 
 
