@@ -49,18 +49,16 @@ def gather(x):
     """Concatenate `x` of every rank along dim 0, in rank order, without gradient. (W·n, ...)"""
     if world() == 1:
         return x
-    x = x.contiguous()  # collectives take row-major tensors: a channels_last batch is copied to one
     out = [torch.empty_like(x) for _ in range(world())]
-    dist.all_gather(out, x)
+    dist.all_gather(out, x.contiguous())
     return torch.cat(out)
 
 
 class _GatherWithGrad(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x):
-        x = x.contiguous()
         out = [torch.empty_like(x) for _ in range(world())]
-        dist.all_gather(out, x)
+        dist.all_gather(out, x.contiguous())
         return torch.cat(out)
 
     @staticmethod
