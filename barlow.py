@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
+from einops import einsum
 from torchvision.transforms import v2
 
 from common import cli, data, dist, optim, resnet
@@ -104,7 +105,7 @@ def cross_correlation(z1, z2):
     """Eq. 2: C_ij = Σ_b ẑ^A_b,i ẑ^B_b,j / N, the ẑ standardised over the batch of N: (dim, dim)."""
     with torch.autocast(z1.device.type, enabled=False):  # float32 even under bf16 autocast
         z1, z2 = standardize(fp32(z1)), standardize(fp32(z2))
-        return z1.T @ z2 / len(z1)
+        return einsum(z1, z2, "b i, b j -> i j") / len(z1)  # Σ_b over the batch
 
 
 def barlow_twins_loss(z1, z2, lambd):

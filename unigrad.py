@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from einops import einsum
 from torchvision.transforms import v2
 
 from common import cli, data, dist, optim, resnet
@@ -126,7 +127,8 @@ def update_F(F, F_ready, z1m, z2m, rho):
     at the first step. In place, in float32."""
     with torch.autocast(z1m.device.type, enabled=False):
         z1m, z2m = fp32(z1m), fp32(z2m)
-        F_batch = (z1m.T @ z1m + z2m.T @ z2m) / (2 * len(z1m))  # (d, d), this rank's batch
+        F_batch = einsum(z1m, z1m, "n i, n j -> i j") + einsum(z2m, z2m, "n i, n j -> i j")  # (d, d)
+        F_batch = F_batch / (2 * len(z1m))  # this rank's batch
         F_batch = dist.all_reduce_mean(F_batch)  # the global batch (every rank holds N / world samples)
         F.copy_(torch.where(F_ready, rho * F + (1 - rho) * F_batch, F_batch))
         F_ready.fill_(True)

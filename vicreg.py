@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from einops import einsum
 from torchvision.transforms import v2
 
 from common import cli, data, dist, optim, resnet
@@ -107,7 +108,7 @@ def covariance(z):
     """Eq. 3 and 4: c(Z) = (1/d) Σ_{i≠j} C(Z)²_ij, C(Z) = (1/(N−1)) Σ_b (z_b − z̄)(z_b − z̄)ᵀ."""
     N, d = z.shape
     z = z - z.mean(dim=0)
-    cov = z.T @ z / (N - 1)  # (d, d)
+    cov = einsum(z, z, "b i, b j -> i j") / (N - 1)  # (d, d): Σ_b over the batch
     return (cov.pow(2).sum() - cov.diagonal().pow(2).sum()) / d
 
 
