@@ -195,3 +195,24 @@ def test_barlow_official_distributed_gradient_is_one_over_world_of_the_global_gr
         official = gloo(world).run(_barlow_official_gradients, y1, y2, args)[0]
         for k, p in model.named_parameters():
             torch.testing.assert_close(official[k] * world, p.grad, rtol=1e-7, atol=1e-9, msg=k)
+
+
+def _torch_sync_batchnorm(rank, world, method, args):
+    module = importlib.import_module(method)
+    model = module.build_model(args)
+    before = dict(model.named_parameters())
+    frozen = {k for k, p in before.items() if not p.requires_grad}
+    converted = dist.sync_batchnorm(model, torch.device("cuda"))  # what a GPU run gets (no forward: CUDA only)
+    norms = [type(m).__name__ for m in converted.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    after = dict(converted.named_parameters())
+    return {"norms": set(norms), "same": all(after[k] is p for k, p in before.items()) and after.keys() == before.keys(),
+            "frozen": {k for k, p in after.items() if not p.requires_grad} == frozen and bool(frozen) == (method == "simclr")}
+
+
+@pytest.mark.parametrize("method", ["simclr", "simsiam"])
+def test_on_cuda_every_batchnorm_becomes_torchs_sync_batchnorm_with_the_same_parameters(method, gloo):
+    """The one multi-GPU line the CPU cannot run (SyncBatchNorm's kernels are CUDA's): the conversion keeps
+    every parameter object, so the optimiser built after it trains them, and SimCLR's frozen β stays frozen."""
+    args = SMALL_ARGS[method](importlib.import_module(method))
+    for res in gloo(2).run(_torch_sync_batchnorm, method, args):
+        assert res == {"norms": {"SyncBatchNorm"}, "same": True, "frozen": True}
