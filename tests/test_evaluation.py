@@ -11,7 +11,9 @@ import torch
 
 from conftest import run_main
 
-from common import cli, knn, linear, optim, report, resnet, train
+from common import cli, evaluate, knn, linear, optim, report, resnet
+
+load_backbone = evaluate.load_backbone
 
 SIZE = ["--image-size", "8", "--workers", "0", "--device", "cpu"]
 
@@ -74,7 +76,7 @@ def straight(separable, tmp_path_factory):
 
 
 @pytest.mark.xdist_group("gloo")  # beside the two-process test, which shares `straight`
-def test_standard_protocol_beats_chance_and_resumes_exactly(separable, straight, tmp_path, capsys):
+def test_standard_protocol_beats_chance_and_resumes_exactly(separable, straight, tmp_path, capsys, monkeypatch):
     entry, out = straight
     assert entry["top1"] > 0.6  # 4 classes: chance 0.25
     assert entry["protocol"] == "standard" and entry["name"].startswith("SimCLR CIFAR")
@@ -84,7 +86,14 @@ def test_standard_protocol_beats_chance_and_resumes_exactly(separable, straight,
 
     assert probe_main(*separable, tmp_path, *STANDARD, "--max-steps", "5") is None  # stops mid-epoch
     assert not (tmp_path / "linear.json").exists()
-    resumed = probe_main(*separable, tmp_path, *STANDARD)
+    loaded = []
+    with monkeypatch.context() as m:  # the backbone the run trains on: frozen, in eval mode, never changed
+        m.setattr(evaluate, "load_backbone", lambda *a: loaded.append(load_backbone(*a)) or loaded[-1])
+        resumed = probe_main(*separable, tmp_path, *STANDARD)
+    backbone = loaded[0][0]
+    assert not backbone.training and not any(p.requires_grad for p in backbone.parameters())
+    on_disk = torch.load(separable[1], weights_only=True)
+    assert all(torch.equal(v, on_disk[k]) for k, v in backbone.state_dict().items())  # BN statistics included
     printed = capsys.readouterr().out
     assert "resumed from" in printed and f"linear top-1 {100 * entry['top1']:.2f}% top-5" in printed
     assert "(protocol standard: SimCLR CIFAR, --epochs 3" in printed.splitlines()[-1]
