@@ -187,8 +187,7 @@ def larc_(params, trust=0.001, eps=1e-8):
     each gradient scaled by trust·‖w‖/(‖g‖ + eps), except where either norm is 0."""
     for w in params:
         w_norm, g_norm = w.norm(), w.grad.norm()
-        if w_norm > 0 and g_norm > 0:
-            w.grad.mul_(trust * w_norm / (g_norm + eps))
+        w.grad.mul_(torch.where((w_norm > 0) & (g_norm > 0), trust * w_norm / (g_norm + eps), 1.0))  # no host sync
 
 
 def lr_at(r, base, step, steps_per_epoch):
