@@ -77,7 +77,7 @@ def row(name, config, rows, linear):
 
 
 HEADER = ["run", "method", "dataset", "epochs", "global batch", "kNN top-1, final", "kNN top-1, best",
-          "kNN protocol", "linear top-1 (protocol)", "wall time", "img/s (median)", "device", "command"]
+          "kNN protocol", "linear top-1 (protocol)", "wall time", "img/s (median)", "hardware", "command"]
 
 
 def table(runs):
@@ -91,14 +91,19 @@ def figures(runs):
     from matplotlib.figure import Figure
     stats = sorted({k for _, _, rows, _ in runs for r in rows for k in r if k not in STANDARD})
     out = {}
-    for key, title, ylabel in (("knn_top1", "kNN top-1 (weighted kNN on the backbone)", "top-1"),
+    for key, title, ylabel in (("knn_top1", "kNN top-1 (weighted kNN on the backbone features)", "top-1 (%)"),
                                ("loss", "training loss", "loss")):
         fig = Figure(figsize=(7, 4.5), layout="constrained")
         ax = fig.add_subplot()
         for name, config, rows, _ in runs:
             x, y = series(rows, key)
+            if key == "knn_top1":  # in %, the run's kNN protocol in its label
+                y = [100 * v for v in y]
+                label = f"{name} ({config.get('method')}, k {config.get('knn_k', 200)}, t {config.get('knn_t', 0.1)})"
+            else:
+                label = f"{name} ({config.get('method')})"
             if x:
-                ax.plot(x, y, marker="o" if key == "knn_top1" else None, label=f"{name} ({config.get('method')})")
+                ax.plot(x, y, marker="o" if key == "knn_top1" else None, label=label)
         ax.set(title=title, xlabel="epoch", ylabel=ylabel)
         ax.grid(alpha=0.3)
         ax.legend(fontsize="small")

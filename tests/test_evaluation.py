@@ -262,8 +262,8 @@ def test_report_table_and_figures(real_run, tmp_path):
             assert image.format == "PNG" and image.size[0] > 500
     figures = report.figures(runs)
     knn_lines = {line.get_label(): line for line in figures["knn.png"].axes[0].get_lines()}
-    assert list(knn_lines[f"simclr-run (simclr)"].get_ydata()) == [0.5, 0.7, 0.6]
-    assert list(knn_lines[f"simclr-run (simclr)"].get_xdata()) == [1, 2, 3]
+    assert list(knn_lines["simclr-run (simclr, k 200, t 0.1)"].get_ydata()) == [50, 70, 60]
+    assert list(knn_lines["simclr-run (simclr, k 200, t 0.1)"].get_xdata()) == [1, 2, 3]
     loss = {line.get_label(): line for line in figures["loss.png"].axes[0].get_lines()}
     assert list(loss["simclr-run (simclr)"].get_xdata())[:2] == [0.1, 0.2] and len(loss) == 2
     stats = {ax.get_ylabel(): [line.get_label() for line in ax.get_lines()] for ax in figures["stats.png"].axes}
