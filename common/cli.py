@@ -44,6 +44,7 @@ class System:
     knn_t: float = 0.1  # temperature of the weighted kNN monitor
     seed: int = 0  # random seed
     log_every: int = 50  # steps between progress lines and metrics.jsonl rows
+    tensorboard: bool = False  # also write the metrics.jsonl scalars to OUT/tensorboard (the tensorboard group)
     amp: bool = True  # bf16 autocast on CUDA (the losses stay float32)
     compile: bool = False  # torch.compile the model
     compile_backend: str = "inductor"  # torch.compile's backend (aot_eager: trace only, no code generation)
@@ -93,12 +94,13 @@ def parse(Args, presets=None, argv=None):
             parser.add_argument(flag, type=kind, choices=choices, default=None, help=help_text)
     given = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
     dataset = given.get("dataset", getattr(Args, "dataset", None))
-    values = {**DATASET_DEFAULTS.get(dataset, {}), **presets.get(dataset, {}), **given}
+    dataset_defaults = DATASET_DEFAULTS.get(dataset, {}) if issubclass(Args, System) else {}  # the methods' flags
+    values = {**dataset_defaults, **presets.get(dataset, {}), **given}
     args = Args(**{k: v for k, v in values.items() if k in hints})
-    if hasattr(args, "out") and not args.out:
+    if issubclass(Args, System) and not args.out:
         args.out = f"runs/{method}-{args.dataset}"
     for name in ("epochs", "batch_size", "image_size"):
-        if getattr(args, name, 1) < 1:
+        if given.get(name, 1) < 1:  # (a default below 1 means "decided later", as in common.linear)
             parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     if argv is None and threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGINT, _interrupted_while_starting)  # Run.batches takes over during training

@@ -1,10 +1,13 @@
 """Weighted kNN monitor (Wu et al. 2018): k = 200 neighbours, weights exp(cos/t), t = 0.1.
 
 Memory: the training set without augmentation; queries: the test set; both sharded over ranks."""
+import json
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 
-from common import dist
+from common import data, dist, resnet
 
 
 @torch.no_grad()
@@ -59,3 +62,54 @@ def knn(backbone, memory_loader, test_loader, gpu, k=200, t=0.1):
     counts = dist.all_reduce_mean(counts) * dist.world()
     backbone.train(training)
     return (counts[0] / counts[1]).item()
+
+
+def eval_sets(dataset, root, image_size):
+    """The training and test sets without augmentation (resized, centre-cropped), as the monitor reads them."""
+    t = data.eval_transform(dataset, image_size)
+    return [data.Transformed(data.dataset(dataset, root, split, image_size), t) for split in ("train", "test")]
+
+
+def load_backbone(path, device):
+    """The backbone of a run's backbone.pt, frozen and in eval mode, and the run's config.json ({} when there is
+    none). A missing or foreign file ends with one line. The file is read with weights_only=True: tensors only."""
+    path = Path(path)
+    if not path.is_file():
+        dist.fail(f"no backbone at {path}; pass --backbone RUN_DIR/backbone.pt")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        dist.fail(f"{path} is not a backbone.pt ({type(e).__name__}: only tensors are read); pass the backbone.pt "
+                  f"of a run")
+    if isinstance(state, dict) and "model" in state and "step" in state:
+        dist.fail(f"{path} is a training checkpoint, not a backbone; pass the backbone.pt beside it")
+    try:
+        backbone = resnet.from_state_dict(state)
+    except Exception as e:
+        dist.fail(f"{path} is not the state_dict of a ResNet backbone ({type(e).__name__}); pass the backbone.pt "
+                  f"of a run")
+    for p in backbone.parameters():
+        p.requires_grad_(False)
+    try:
+        config = json.loads((path.parent / "config.json").read_text())
+    except (OSError, ValueError):
+        config = {}
+    return backbone.to(device).eval(), config if isinstance(config, dict) else {}
+
+
+def record(path, key, entry):
+    """Add `entry` under `key` to the JSON results file at `path` (one entry per protocol), on rank 0."""
+    if not dist.is_main():
+        return
+    path = Path(path)
+    try:
+        results = json.loads(path.read_text()) if path.exists() else {}
+    except ValueError:  # not JSON: start over
+        results = {}
+    results = results if isinstance(results, dict) else {}
+    results[key] = entry
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(results, indent=2))
+    except OSError as e:
+        dist.fail(f"cannot write {path} ({e.strerror}); pass a writable --out")

@@ -149,33 +149,28 @@ def embed(args):
 
 
 def plot(result, path):
-    """A PNG without plotting libraries: the norms as bars, the cosines as a heat map."""
-    from PIL import Image, ImageDraw
+    """The cosines as an annotated heat map, the norms of the parts as bars (log scale: losses differ by 1e4)."""
+    from matplotlib.figure import Figure
     names = list(result["norms"])
-    cell, left, top = 44, 90, 40
-    width = left + cell * len(names) + 330
-    img = Image.new("RGB", (width, top + cell * len(names) + 60), "white")
-    d = ImageDraw.Draw(img)
-    d.text((left, 10), "cosine between total gradients (tangent parts)", fill="black")
-    for i, a in enumerate(names):
-        d.text((5, top + i * cell + 15), a, fill="black")
-        d.text((left + i * cell + 2, top + cell * len(names) + 5), a[:7], fill="black")
-        for j, b in enumerate(names):
-            c = result["cosine"][a][b]
-            shade = (int(255 * (1 - 0.6 * max(c, 0))), int(255 * (1 - 0.6 * abs(c))), int(255 * (1 - 0.6 * max(-c, 0))))
-            d.rectangle([left + j * cell, top + i * cell, left + (j + 1) * cell - 1, top + (i + 1) * cell - 1], fill=shade)
-            d.text((left + j * cell + 6, top + i * cell + 15), f"{c:+.2f}", fill="black")
-    x0 = left + cell * len(names) + 40
-    d.text((x0, 10), "mean |positive| (blue), |negative| (red)", fill="black")
-    for i, a in enumerate(names):
-        v = result["norms"][a]
-        peak = max(v["positive"], v["negative"]) or 1.0  # each method on its own scale: losses differ by 1e4
-        y = top + i * cell + 8
-        d.text((x0, y + 6), a, fill="black")
-        for row, (key, colour) in enumerate([("positive", (60, 90, 200)), ("negative", (200, 60, 60))]):
-            d.rectangle([x0 + 60, y + 14 * row, x0 + 60 + int(150 * v[key] / peak), y + 14 * row + 12], fill=colour)
-            d.text((x0 + 215, y + 14 * row), f"{v[key]:.2e}", fill="black")
-    img.save(path)
+    cosine = [[result["cosine"][a][b] for b in names] for a in names]
+    fig = Figure(figsize=(12, 5), layout="constrained")
+    heat, bars = fig.subplots(1, 2, width_ratios=[1.1, 1])
+    image = heat.imshow(cosine, cmap="RdBu_r", vmin=-1, vmax=1)
+    heat.set(xticks=range(len(names)), xticklabels=names, yticks=range(len(names)), yticklabels=names,
+             title="cosine between total gradients (tangent parts)")
+    for i, row in enumerate(cosine):
+        for j, c in enumerate(row):
+            heat.text(j, i, f"{c:+.2f}", ha="center", va="center", fontsize=8, color="white" if abs(c) > 0.6 else "black")
+    fig.colorbar(image, ax=heat, shrink=0.8)
+    y = range(len(names))
+    for offset, key, colour in ((-0.2, "positive", "tab:blue"), (0.2, "negative", "tab:red")):
+        values = [result["norms"][a][key] for a in names]
+        bars.barh([i + offset for i in y], [v if v > 0 else float("nan") for v in values], height=0.4,
+                  color=colour, label=f"mean |{key}|")
+    bars.set(yticks=list(y), yticklabels=names, xscale="log", title="size of the positive and negative parts")
+    bars.invert_yaxis()
+    bars.legend()
+    fig.savefig(path, dpi=110)
 
 
 def main(argv=None):
@@ -194,6 +189,10 @@ def main(argv=None):
     p.add_argument("--out", default="runs/gradients")
     args = p.parse_args(argv)
     from common import data
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise SystemExit("error: the figure needs matplotlib: `uv sync --group plots` (or pip install matplotlib)")
     try:
         u1, u2 = embed(args)  # two batches: the second one's keys are MoCo's queue
         if len(u1) < 4:

@@ -11,7 +11,9 @@ import contextlib
 import dataclasses
 import json
 import os
+import platform
 import random
+import shlex
 import signal
 import sys
 import threading
@@ -101,10 +103,12 @@ class Run:
                     dist.fail(f"{self.dir / 'checkpoint.pt'} exists and --no-resume was given; pass a new --out, "
                               f"or delete that checkpoint to start over")
                 (self.dir / "config.json").write_text(json.dumps(
-                    {"method": self.method, "world_size": dist.world(), **dataclasses.asdict(args),
-                     "hardware": self.gpu.describe()}, indent=2))
+                    {"method": self.method, "world_size": dist.world(), "command": _command(self.method),
+                     "hardware": _device_name(self.device), "gpu_path": self.gpu.describe(),
+                     **dataclasses.asdict(args)}, indent=2))
             except OSError as e:
                 dist.fail(f"cannot write to the run directory {self.dir} ({e.strerror}); pass a writable --out")
+        self._tensorboard = _tensorboard(self.dir) if args.tensorboard and dist.is_main() else None
         dist.barrier()
 
     def autocast(self):
@@ -301,5 +305,39 @@ class Run:
 
     def _write(self, row):
         if dist.is_main():
+            row = {**row, "time": time.time()}  # wall clock, for the report's wall time
             with open(self.dir / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(row) + "\n")
+            if self._tensorboard:  # the same scalars, against the step
+                for name, value in row.items():
+                    if name not in ("step", "epoch", "time"):
+                        self._tensorboard.add_scalar(name, value, row["step"])
+                self._tensorboard.flush()
+
+
+def _command(method):
+    """The command line that started this run, or None when main() was called from Python (tests)."""
+    if Path(sys.argv[0]).stem != method:
+        return None
+    launcher = ["python"]
+    if "LOCAL_WORLD_SIZE" in os.environ:  # torchrun (its rendezvous flags are not recorded)
+        nodes = int(os.environ.get("WORLD_SIZE", 1)) // int(os.environ["LOCAL_WORLD_SIZE"])
+        launcher = ["torchrun", *([f"--nnodes={nodes}"] if nodes > 1 else []),
+                    f"--nproc-per-node={os.environ['LOCAL_WORLD_SIZE']}"]
+    return shlex.join([*launcher, *sys.argv])
+
+
+def _device_name(device):
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)} ×{dist.world()}"
+    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads) ×{dist.world()}"
+
+
+def _tensorboard(directory):
+    """A SummaryWriter on OUT/tensorboard, or one line saying how to install tensorboard."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        dist.fail("--tensorboard needs the tensorboard package: `uv sync --group tensorboard` "
+                  "(or pip install tensorboard), or drop --tensorboard")
+    return SummaryWriter(str(Path(directory) / "tensorboard"))

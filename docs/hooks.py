@@ -7,6 +7,7 @@ A page asks for generated content with an HTML comment alone on a line:
     <!-- api common -->                  signatures and docstrings of every module in common/
     <!-- measured simsiam -->            the rows of README.md's "Measured" table for one method
     <!-- measured -->                    (or all of them)
+    <!-- readme TITLE -->                the text of README.md's section "## TITLE"
 
 Everything is read with `ast`, never imported, so the build needs neither torch nor a GPU. A marker
 that names a missing file or cannot be generated logs a warning, which fails `mkdocs build --strict`.
@@ -22,15 +23,16 @@ from mkdocs.plugins import get_plugin_logger
 
 log = get_plugin_logger("docs-hooks")
 ROOT = Path(__file__).resolve().parents[1]
-MARKER = re.compile(r"^([ \t]*)<!--\s*(diff|args|api|measured)\b\s*([^>]*?)\s*-->[ \t]*$", re.MULTILINE)
-API_ORDER = ["cli", "dist", "data", "resnet", "train", "optim", "evaluate", "linear", "bench"]
+MARKER = re.compile(r"^([ \t]*)<!--\s*(diff|args|api|measured|readme)\b\s*([^>]*?)\s*-->[ \t]*$", re.MULTILINE)
+API_ORDER = ["cli", "dist", "data", "resnet", "train", "optim", "evaluate", "linear", "knn", "report", "bench"]
 
 
 def on_page_markdown(markdown, page, **kwargs):
     def replace(m):
         indent, kind, operands = m[1], m[2], m[3]
         try:
-            text = {"diff": diff, "args": args_table, "api": api, "measured": measured}[kind](*operands.split())
+            text = {"diff": diff, "args": args_table, "api": api, "measured": measured,
+                    "readme": readme}[kind](*operands.split())
         except Exception as e:  # a warning: `mkdocs build --strict` fails, `mkdocs serve` keeps going
             log.warning(f"{page.file.src_uri}: cannot expand <!-- {kind} {operands} -->: {type(e).__name__}: {e}")
             text = f"!!! failure \"{kind} {operands}: {type(e).__name__}\"\n    {e}\n"
@@ -174,3 +176,14 @@ def measured(method=None):
     if method:
         rows = [r for r in rows if re.sub(r"\W", "", r.split("|")[1]).lower().startswith(method.lower())]
     return "\n".join(header + rows) + "\n" if rows else "Not yet measured.\n"
+
+
+# --- <!-- readme TITLE --> -----------------------------------------------------------------------
+
+def readme(*title):
+    """The text of README.md's section `## TITLE` (up to the next `## ` heading)."""
+    title = " ".join(title)
+    m = re.search(rf"^## {re.escape(title)}\n(.*?)(?=^## |\Z)", _source("README.md"), re.MULTILINE | re.DOTALL)
+    if not m:
+        raise LookupError(f"README.md has no '## {title}' section")
+    return m[1].strip() + "\n"

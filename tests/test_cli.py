@@ -41,11 +41,13 @@ def test_simsiam_image_folder_one_process_then_linear_probe(image_folder, tmp_pa
                 "--max-steps", "4", *SMALL, "--workers", "2", "--out", out)
     assert "kNN top-1" in p.stdout and "ETA" in p.stdout
     check_run(out, 4)
-    probe = run_cli("-m", "common.linear", "--backbone", out / "backbone.pt", "--dataset", "folder",
-                    "--data-dir", image_folder, "--image-size", "16", "--epochs", "3", "--workers", "0")
-    assert "linear top-1" in probe.stdout
-    result = json.loads((out / "linear.json").read_text())
-    assert 0.0 <= result["linear_top1"] <= 1.0
+    probe = run_cli("-m", "common.linear", "--backbone", out / "backbone.pt", "--protocol", "fast", "--dataset",
+                    "folder", "--data-dir", image_folder, "--epochs", "3", "--workers", "0")
+    assert "linear top-1" in probe.stdout and "(protocol fast: " in probe.stdout
+    result = json.loads((out / "linear.json").read_text())["fast"]
+    assert 0.0 <= result["top1"] <= result["top5"] <= 1.0 and result["image_size"] == 16  # the run's, from config.json
+    config = json.loads((out / "config.json").read_text())
+    assert config["command"].startswith("python simsiam.py --dataset folder") and "CPU" in config["hardware"]
 
 
 def test_simsiam_synthetic_one_process(tmp_path):
@@ -58,6 +60,8 @@ def test_simsiam_torchrun_two_processes(image_folder, tmp_path):
     torchrun("simsiam.py", "--dataset", "folder", "--data-dir", image_folder, "--epochs", "2", "--max-steps", "3",
              *SMALL, "--out", tmp_path)
     check_run(tmp_path, 3, world=2)
+    assert json.loads((tmp_path / "config.json").read_text())["command"].startswith(
+        "torchrun --nproc-per-node=2 simsiam.py --dataset folder")
 
 
 def test_simclr_one_process_and_torchrun(image_folder, tmp_path):

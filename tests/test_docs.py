@@ -5,6 +5,7 @@ import functools
 import html.parser
 import http.server
 import importlib.util
+import json
 import logging
 import os
 import re
@@ -258,3 +259,39 @@ def test_chromium_screenshot_of_a_method_page(site, server, tmp_path):
     shot = tmp_path / "simsiam.png"
     browse(f"{server}/simsiam/", tmp_path, f"--screenshot={shot}", "--window-size=1280,2400")
     assert shot.is_file() and shot.stat().st_size > 50_000, "no screenshot (or a blank one)"
+
+
+OVERFLOW_CHECK = """<!doctype html><html><body><pre id="overflow">pending</pre><script>
+// Each method page in a 1440-px-wide frame: the scroll and client widths of its code blocks and tables.
+const pages = PAGES, found = {};
+let left = pages.length;
+for (const page of pages) {
+  const frame = document.createElement("iframe");
+  frame.width = 1440; frame.height = 900; frame.src = page + "/";
+  frame.onload = () => setTimeout(() => {
+    const d = frame.contentDocument;
+    const measure = (el, box) => [el.scrollWidth, box.clientWidth];
+    found[page] = {
+      code: [...d.querySelectorAll(".md-content pre > code")].map(c => measure(c, c)),
+      tables: [...d.querySelectorAll(".md-content table")].map(t => measure(t, t.closest(".md-typeset__scrollwrap") || t.parentElement)),
+    };
+    if (--left === 0) document.getElementById("overflow").textContent = JSON.stringify(found);
+  }, 500);
+  document.body.appendChild(frame);
+}
+</script></body></html>"""
+
+
+def test_method_pages_fit_a_1440_px_window_without_sideways_scrolling(site, server, tmp_path):
+    """No code block (lines of up to 120 characters) or table of a method page is wider than its box."""
+    methods = existing_methods()
+    (site / "overflow-check.html").write_text(OVERFLOW_CHECK.replace("PAGES", json.dumps(methods)))
+    dom = browse(f"{server}/overflow-check.html", tmp_path, "--dump-dom").stdout
+    report = re.search(r'<pre id="overflow">(.*?)</pre>', dom, re.DOTALL)[1]
+    assert report != "pending", "the method pages did not load in time"
+    found = json.loads(html.unescape(report))
+    assert sorted(found) == sorted(methods)
+    for page, boxes in found.items():
+        assert len(boxes["code"]) >= 4, f"{page}: its code blocks were not found"
+        wide = {kind: [(i, s, c) for i, (s, c) in enumerate(sizes) if s > c] for kind, sizes in boxes.items()}
+        assert not any(wide.values()), f"{page} at 1440 px: (index, content width, box width) too wide: {wide}"

@@ -96,7 +96,7 @@ def test_the_command_line_on_the_gpu_path_with_and_without_compile(image_folder,
     losses = {}
     for name in runs:
         out = tmp_path / name
-        hardware = json.loads((out / "config.json").read_text())["hardware"]
+        hardware = json.loads((out / "config.json").read_text())["gpu_path"]
         assert hardware | {"torch": None} == {"device": "cpu", "name": "cpu", "gpu_path": True, "channels_last": True,
                                               "autocast": "bfloat16", "torch": None}
         rows = metrics(out)
