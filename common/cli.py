@@ -40,6 +40,7 @@ class System:
     resume: bool = True  # continue from OUT/checkpoint.pt when it exists
     max_steps: int = 0  # stop after this many optimiser steps (0: run all epochs)
     knn_every: int = 10  # kNN monitor every this many epochs, and at the end (0: only at the end)
+    save_every: float = 30.0  # minutes between checkpoints inside an epoch, at a log line (0: epoch ends only)
     knn_k: int = 200  # k of the weighted kNN monitor
     knn_t: float = 0.1  # temperature of the weighted kNN monitor
     seed: int = 0  # random seed

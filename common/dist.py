@@ -17,8 +17,13 @@ def setup(device="auto"):
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
         device = f"cuda:{torch.cuda.current_device()}"
     if "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1 and not dist.is_initialized():
-        backend = "nccl" if device.startswith("cuda") else "gloo"
-        dist.init_process_group(backend, timeout=timedelta(minutes=30))
+        backend, timeout = "nccl" if device.startswith("cuda") else "gloo", timedelta(minutes=30)
+        # torchrun's agent keeps its store across restarts (--max-restarts), and the workers of a restart could
+        # read the addresses their killed predecessors left in it (seen with gloo: "Connection refused" on the
+        # first restart): the process group's keys are kept apart per attempt
+        store, rank, world_size = next(dist.rendezvous("env://", timeout=timeout))
+        store = dist.PrefixStore(f"attempt{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/", store)
+        dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout)
     return torch.device(device)
 
 

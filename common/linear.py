@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
-from common import cli, data, dist, evaluate, optim, train
+from common import checkpoint, cli, data, dist, evaluate, optim
 from common.device import GpuPath
 
 # The standard protocol. `lr` is the base lr, multiplied by batch_size/256 where `scale` is set; the
@@ -240,7 +240,7 @@ def standard(backbone, sets, r, args, device, out, gpu):
 
     def save():
         if dist.is_main():
-            train.save_atomic({"settings": settings(r, args), "step": step, "fc": fc.state_dict(),
+            checkpoint.save_atomic({"settings": settings(r, args), "step": step, "fc": fc.state_dict(),
                                "optimizer": opt.state_dict()}, path)
         dist.barrier()
 

@@ -1,11 +1,14 @@
-"""The run around a method's training step: run directory, logging, checkpoints, resume, kNN.
+"""The run around a method's training step: the run directory, the loop, checkpoints and resume, kNN.
 
-    run = Run(args)                          # torchrun set-up, seeds, run directory, config.json
+    run = Run(args)                          # torchrun set-up, seeds, run directory, the checkpoint to resume
     model = run.prepare(build_model(args))   # device, SyncBN and DDP when distributed, compile
     run.watch(model, optimizer, backbone)    # resumes from OUT/checkpoint.pt when there is one
-    for x1, x2 in run.batches(loader):       # epochs; kNN, checkpoint at epoch ends; --max-steps
-        ...the method's step...
+    for x1, x2 in run.batches(loader):       # epochs; kNN and a checkpoint at epoch ends and every
+        ...the method's step...              #   --save-every minutes; --max-steps
         run.log(loss, lr=lr, **stats)        # progress line and metrics.jsonl every --log-every steps
+
+The files a checkpoint is made of, and how they are read, are common/checkpoint.py's; the log is
+common/metrics.py's; what runs only on a GPU is common/device.py's.
 """
 import contextlib
 import dataclasses
@@ -22,49 +25,9 @@ from pathlib import Path
 
 import torch
 
-from common import data, dist, evaluate, gpu_augment
+from common import checkpoint, data, dist, evaluate, gpu_augment
 from common.device import GpuPath
-
-
-def save_atomic(obj, path):
-    """torch.save to a temporary file, then rename: a kill at any moment leaves the old or the new file."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-@contextlib.contextmanager
-def _sigint_deferred():
-    """Hold Ctrl-C back while checkpoint files are written; it takes effect right after."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    caught = []
-    previous = signal.signal(signal.SIGINT, lambda *a: caught.append(a))
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
-    if caught:
-        raise KeyboardInterrupt
-
-
-def _rng_state():
-    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def _set_rng_state(state):
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
+from common.metrics import Metrics
 
 
 def fp32(x):
@@ -93,22 +56,28 @@ class Run:
         torch.manual_seed(args.seed)  # the same initial weights on every rank
         random.seed(args.seed)
         self.dir = Path(args.out)
+        self.checkpoint = self.dir / "checkpoint.pt"
         self.step = self.epoch = 0
-        self._logged, self._first_bad = {}, None
         self._knn_data = None
         if dist.is_main():
             try:
                 self.dir.mkdir(parents=True, exist_ok=True)
-                if not args.resume and (self.dir / "checkpoint.pt").exists():
-                    dist.fail(f"{self.dir / 'checkpoint.pt'} exists and --no-resume was given; pass a new --out, "
-                              f"or delete that checkpoint to start over")
+            except OSError as e:
+                dist.fail(f"cannot write to the run directory {self.dir} ({e.strerror}); pass a writable --out")
+            if not args.resume and self.checkpoint.exists():
+                dist.fail(f"{self.checkpoint} exists and --no-resume was given; pass a new --out, "
+                          f"or delete that checkpoint to start over")
+        self._resume = self._read_checkpoint()  # before anything in the run directory changes
+        self._saved_at, self._saved_step = time.time(), self._resume["step"] if self._resume else None
+        if dist.is_main():
+            try:
                 (self.dir / "config.json").write_text(json.dumps(
                     {"method": self.method, "world_size": dist.world(), "command": _command(self.method),
                      "hardware": _device_name(self.device), "gpu_path": self.gpu.describe(),
                      **dataclasses.asdict(args)}, indent=2))
             except OSError as e:
                 dist.fail(f"cannot write to the run directory {self.dir} ({e.strerror}); pass a writable --out")
-        self._tensorboard = _tensorboard(self.dir) if args.tensorboard and dist.is_main() else None
+        self.metrics = Metrics(self.dir, self.device, args.tensorboard)
         dist.barrier()
 
     def autocast(self):
@@ -120,69 +89,108 @@ class Run:
 
     # --- checkpoints -------------------------------------------------------------------------------
 
-    def watch(self, model, optimizer, backbone, **extra):
-        """Register what a checkpoint holds, and resume from OUT/checkpoint.pt when there is one."""
-        self.model, self.optimizer, self.backbone, self.extra = dist.unwrap(model), optimizer, backbone, extra
-        path = self.dir / "checkpoint.pt"
-        if not (self.args.resume and path.exists()):
-            return
+    def _read_checkpoint(self):
+        """The checkpoint this run resumes from, or None. Rank 0 decides whether there is one and every rank
+        follows; each rank reads it (weights_only: no file can make the project run code), and the run ends
+        with one line when any rank cannot, when it is another run's, or when a training flag changed."""
+        path = self.checkpoint
+        if not dist.all_gather_object(self.args.resume and path.exists())[0]:  # rank 0's answer
+            return None
         try:
-            ckpt = torch.load(path, map_location=self.device, weights_only=False)
-        except Exception as e:
-            dist.fail(f"cannot read {path} ({type(e).__name__}); move it away or pass another --out")
-        if ckpt.get("method") != self.method or ckpt.get("arch") != self.args.arch:
-            dist.fail(f"{path} is a {ckpt.get('method')} {ckpt.get('arch')} checkpoint, not {self.method} "
-                      f"{self.args.arch}; pass another --out")
-        if ckpt["args"]["batch_size"] != self.args.batch_size:
-            dist.fail(f"{path} was trained with --batch-size {ckpt['args']['batch_size']}; resume with the same "
-                      f"global batch (any number of processes), or pass another --out")
+            ckpt, why = checkpoint.read(path, self.device), None
+            if not (isinstance(ckpt, dict) and {"method", "arch", "args", "step", "epoch", "rng", "model"} <= ckpt.keys()):
+                ckpt, why = None, "not the dictionary a run writes"
+        except checkpoint.Unreadable as e:
+            ckpt, why = None, str(e)
+        whys = dist.all_gather_object(why)
+        if whys[0] is not None:
+            dist.fail(f"{path} is not a checkpoint of this project ({whys[0]}); nothing was read from it and "
+                      f"nothing in {self.dir} was changed: move it away, or pass another --out")
+        if any(whys):
+            rank = next(r for r, w in enumerate(whys) if w)
+            dist.fail(f"rank {rank} cannot read {path} ({whys[rank]}), which rank 0 resumes from: every rank "
+                      f"must see the run directory (on several nodes, a shared disk); pass an --out they all see")
+        steps = dist.all_gather_object(ckpt["step"])
+        if len(set(steps)) > 1:
+            dist.fail(f"the ranks read different checkpoints at {path} (steps {steps} by rank): every rank must see "
+                      f"the same run directory (on several nodes, a shared disk)")
+        if ckpt["method"] != self.method:
+            dist.fail(f"{path} is a {ckpt['method']} {ckpt['arch']} checkpoint, not {self.method} {self.args.arch}; "
+                      f"pass another --out")
+        changed = checkpoint.changed_flags(ckpt["args"], self.args)
+        if changed:
+            dist.fail(f"{path} was trained with other training flags: {', '.join(changed)}; resume with the "
+                      f"checkpoint's (any number of processes), or pass another --out")
+        return ckpt
+
+    def watch(self, model, optimizer, backbone, **extra):
+        """Register what a checkpoint holds, and resume from the checkpoint read at the start, if any."""
+        self.model, self.optimizer, self.backbone, self.extra = dist.unwrap(model), optimizer, backbone, extra
+        ckpt, self._resume = self._resume, None
+        if ckpt is None:
+            return
         try:
             self.model.load_state_dict(ckpt["model"])
             self.optimizer.load_state_dict(ckpt["optimizer"])
             for name, obj in extra.items():
                 obj.load_state_dict(ckpt[name])
         except (RuntimeError, KeyError, ValueError) as e:
-            dist.fail(f"{path} does not fit this model ({str(e).splitlines()[0]}); it was made with other "
-                      f"options: pass the same options or another --out")
+            dist.fail(f"{self.checkpoint} does not fit this model ({str(e).splitlines()[0]}); it was made with "
+                      f"other options: pass the same options or another --out")
         self.step, self.epoch = ckpt["step"], ckpt["epoch"]
         rng = ckpt["rng"]
-        _set_rng_state(rng[dist.rank()] if len(rng) == dist.world() else rng[0])
+        checkpoint.set_rng_state(rng[dist.rank()] if len(rng) == dist.world() else rng[0])
+        self.metrics.drop_after(self.step)  # the rows the interrupted run logged after its checkpoint
         if dist.is_main():
-            metrics = self.dir / "metrics.jsonl"
-            if metrics.exists():  # drop rows logged after the checkpoint by the interrupted run
-                rows = [r for r in metrics.read_text().splitlines() if r and json.loads(r)["step"] <= self.step]
-                metrics.write_text("".join(r + "\n" for r in rows))
-            print(f"resumed from {path} at epoch {self.epoch}, step {self.step}", flush=True)
+            print(f"resumed from {self.checkpoint} at epoch {self.epoch}, step {self.step}", flush=True)
 
     def save(self):
-        """Write OUT/checkpoint.pt and OUT/backbone.pt atomically (rank 0), after checking the losses."""
+        """Write OUT/checkpoint.pt and OUT/backbone.pt (rank 0), after checking the losses and the weights.
+        A failed write (a full disk) keeps both previous files and ends the run with one line, on every rank."""
         self._check_finite()
         if not torch.stack([p.isfinite().all() for p in self.model.parameters()]).all():
             dist.fail(f"the weights are not finite after step {self.step}; stopped without saving, so "
-                      f"{self.dir / 'checkpoint.pt'} keeps the last good state (lower --lr)")
-        rng = dist.all_gather_object(_rng_state())
+                      f"{self.checkpoint} keeps the last good state (lower --lr)")
+        rng = dist.all_gather_object(checkpoint.rng_state())
+        why = None
         if dist.is_main():
-            with _sigint_deferred():
-                save_atomic({"method": self.method, "arch": self.args.arch, "args": dataclasses.asdict(self.args),
-                             "step": self.step, "epoch": self.epoch, "rng": rng,
-                             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                             **{name: obj.state_dict() for name, obj in self.extra.items()}},
-                            self.dir / "checkpoint.pt")
-                save_atomic(self.backbone.state_dict(), self.dir / "backbone.pt")
-        dist.barrier()
+            state = {"method": self.method, "arch": self.args.arch, "args": dataclasses.asdict(self.args),
+                     "step": self.step, "epoch": self.epoch, "rng": rng,
+                     "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                     **{name: obj.state_dict() for name, obj in self.extra.items()}}
+            try:
+                with _sigint_deferred():
+                    checkpoint.write({self.checkpoint: state, self.dir / "backbone.pt": self.backbone.state_dict()})
+            except OSError as e:
+                why = e.strerror or str(e)
+        why = dist.all_gather_object(why)[0]  # (also the barrier: the other ranks wait for the files)
+        if why:
+            kept = (f"{self.checkpoint} and backbone.pt keep step {self._saved_step}" if self._saved_step is not None
+                    else "no checkpoint was written yet")
+            dist.fail(f"cannot write a checkpoint in {self.dir} at step {self.step} ({why}); {kept}: free space "
+                      f"there, then run the same command to resume")
+        self._saved_at, self._saved_step = time.time(), self.step
+
+    def _save_due(self):
+        """--save-every minutes have passed since the last checkpoint, by rank 0's clock (all ranks agree)."""
+        if self.args.save_every <= 0:
+            return False
+        due = torch.tensor(float(time.time() - self._saved_at >= 60 * self.args.save_every), device=self.device)
+        return bool(dist.broadcast(due).item())
 
     # --- the loop ----------------------------------------------------------------------------------
 
     def batches(self, loader):
         """Yield the two views of each step on the device, from the resumed step to the end of training.
 
-        Ctrl-C is taken between steps: the step under way finishes, then the run ends with one line
-        (a second Ctrl-C ends it at once). The last checkpoint is never touched by the interruption."""
+        A checkpoint is written at each epoch end and, at the log line after --save-every minutes, inside an
+        epoch (a resume there continues exactly). Ctrl-C is taken between steps: the step under way finishes,
+        then the run ends with one line (a second Ctrl-C ends it at once); the last checkpoint stays."""
         args = self.args
         self.steps_per_epoch = loader.sampler.num_samples // loader.batch_size
         self.total_steps = args.epochs * self.steps_per_epoch
         stop = min(args.max_steps or self.total_steps, self.total_steps)
-        self._time, self._step0 = time.time(), self.step
+        self.metrics.start_timer(self.step)
         with self._interrupt_between_steps() as interrupted:
             try:
                 epoch_views = self.views(loader)
@@ -197,6 +205,9 @@ class Run:
                             raise KeyboardInterrupt
                         if self.step % args.log_every == 0 or self.step == stop:
                             self._flush()
+                            inside_epoch = self.step % self.steps_per_epoch != 0  # (an epoch end saves anyway)
+                            if self.step < stop and inside_epoch and self._save_due():
+                                self.save()
                         if self.step == stop:
                             break
                     if self.step % self.steps_per_epoch == 0:  # an epoch ended
@@ -216,10 +227,9 @@ class Run:
         dist.cleanup()
 
     def _interrupted_line(self):
-        ckpt = self.dir / "checkpoint.pt"
         return f"interrupted at step {self.step}; " + (
-            f"the same command resumes from {ckpt} (the last epoch end)" if ckpt.exists()
-            else "no checkpoint was written yet")
+            f"the same command resumes from {self.checkpoint} (step {self._saved_step})"
+            if self._saved_step is not None else "no checkpoint was written yet")
 
     @contextlib.contextmanager
     def _interrupt_between_steps(self):
@@ -256,6 +266,8 @@ class Run:
     def _to_device(self, x):
         return self.gpu.inputs(x)  # (a copy from pinned memory on CUDA; on-device views change layout only)
 
+    # --- kNN and the log -------------------------------------------------------------------------------
+
     def knn(self):
         if self.args.knn_every < 0:
             return
@@ -265,54 +277,39 @@ class Run:
             self._knn_data = [data.eval_loader(data.Transformed(data.dataset(a.dataset, a.data_dir, split, a.image_size), t),
                                                256, a.workers, self.device) for split in ("train", "test")]
         top1 = evaluate.knn(self.backbone, *self._knn_data, self.gpu, self.args.knn_k, self.args.knn_t)
-        self._write({"step": self.step, "epoch": self.epoch, "knn_top1": top1})
+        self.metrics.write({"step": self.step, "epoch": self.epoch, "knn_top1": top1})
         if dist.is_main():
             print(f"epoch {self.epoch} step {self.step}: kNN top-1 {100 * top1:.2f}%", flush=True)
 
-    # --- logging -----------------------------------------------------------------------------------
-
     def log(self, loss, **stats):
         """Record this step's loss and statistics (tensors stay on the device until the next log line)."""
-        bad = ~torch.isfinite(loss.detach())
-        first = torch.where(bad, self.step + 1, -1)  # steps count from 1, as printed
-        self._first_bad = first if self._first_bad is None else torch.where(self._first_bad >= 0, self._first_bad, first)
-        self._logged = {"loss": loss.detach(), **stats}
+        self.metrics.record(self.step, loss, **stats)
 
     def _check_finite(self):
-        if self._first_bad is None:
-            return
-        bad = [s for s in dist.gather(self._first_bad.reshape(1)).tolist() if s >= 0]
-        if bad:
-            dist.fail(f"the loss is not finite at step {min(bad)}; stopped without saving, so "
-                      f"{self.dir / 'checkpoint.pt'} keeps the last good state (lower --lr, or check the data)")
+        bad = self.metrics.first_bad_step()
+        if bad is not None:
+            dist.fail(f"the loss is not finite at step {bad}; stopped without saving, so "
+                      f"{self.checkpoint} keeps the last good state (lower --lr, or check the data)")
 
     def _flush(self):
-        """A progress line and a metrics.jsonl row. Here and at the checkpoints of epoch ends the loop waits
-        for the device; nowhere else (`log` keeps tensors on the device)."""
         self._check_finite()
-        row = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=self.device).reshape(())
-                           for v in self._logged.values()])
-        values = dict(zip(self._logged, dist.all_reduce_mean(row).tolist()))  # one transfer for all values
-        now = time.time()
-        speed = (self.step - self._step0) * self.args.batch_size / max(now - self._time, 1e-9)
-        eta = (self.total_steps - self.step) * self.args.batch_size / max(speed, 1e-9)
-        self._time, self._step0 = now, self.step
-        self._write({"step": self.step, "epoch": self.epoch, **values, "img_per_s": speed})
-        if dist.is_main():
-            shown = " ".join(f"{k} {v:.4g}" for k, v in values.items())
-            print(f"epoch {self.epoch + 1}/{self.args.epochs} step {self.step}/{self.total_steps} {shown} "
-                  f"| {speed:.0f} img/s | ETA {int(eta // 3600)}:{time.strftime('%M:%S', time.gmtime(eta))}", flush=True)
+        self.metrics.flush(self.step, self.epoch, self.args.epochs, self.total_steps, self.args.batch_size)
 
-    def _write(self, row):
-        if dist.is_main():
-            row = {**row, "time": time.time()}  # wall clock, for the report's wall time
-            with open(self.dir / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(row) + "\n")
-            if self._tensorboard:  # the same scalars, against the step
-                for name, value in row.items():
-                    if name not in ("step", "epoch", "time"):
-                        self._tensorboard.add_scalar(name, value, row["step"])
-                self._tensorboard.flush()
+
+@contextlib.contextmanager
+def _sigint_deferred():
+    """Hold Ctrl-C back while checkpoint files are written; it takes effect right after."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught = []
+    previous = signal.signal(signal.SIGINT, lambda *a: caught.append(a))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if caught:
+        raise KeyboardInterrupt
 
 
 def _command(method):
@@ -331,13 +328,3 @@ def _device_name(device):
     if device.type == "cuda":
         return f"{torch.cuda.get_device_name(device)} ×{dist.world()}"
     return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads) ×{dist.world()}"
-
-
-def _tensorboard(directory):
-    """A SummaryWriter on OUT/tensorboard, or one line saying how to install tensorboard."""
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        dist.fail("--tensorboard needs the tensorboard package: `uv sync --group tensorboard` "
-                  "(or pip install tensorboard), or drop --tensorboard")
-    return SummaryWriter(str(Path(directory) / "tensorboard"))

@@ -26,7 +26,7 @@ def check_run(out, steps, world=1, method="simsiam"):
     assert train[-1]["lr"] > 0  # (a warmup starts from 0)
     knn = [r for r in rows if "knn_top1" in r]
     assert knn and knn[-1]["step"] == steps and 0.0 <= knn[-1]["knn_top1"] <= 1.0
-    ckpt = torch.load(out / "checkpoint.pt", weights_only=False)
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
     assert ckpt["method"] == method and ckpt["step"] == steps and len(ckpt["rng"]) == world
     assert any(k.startswith(("projector.", "expander.")) for k in ckpt["model"])
     backbone = resnet.from_state_dict(torch.load(out / "backbone.pt", weights_only=True))

@@ -272,8 +272,8 @@ def test_gpu_augment_trains_and_resumes_exactly(tmp_path):
     run_main(simsiam, *common, "--max-steps", "5", "--out", tmp_path / "straight")
     run_main(simsiam, *common, "--max-steps", "4", "--out", tmp_path / "resumed")
     run_main(simsiam, *common, "--max-steps", "5", "--out", tmp_path / "resumed")
-    a = torch.load(tmp_path / "straight" / "checkpoint.pt", weights_only=False)
-    b = torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=False)
+    a = torch.load(tmp_path / "straight" / "checkpoint.pt", weights_only=True)
+    b = torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=True)
     assert a["step"] == b["step"] == 5
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
     assert [r["step"] for r in metrics(tmp_path / "resumed") if "loss" in r] == [1, 2, 3, 4, 5]

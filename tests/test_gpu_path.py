@@ -103,7 +103,7 @@ def test_the_command_line_on_the_gpu_path_with_and_without_compile(image_folder,
         losses[name] = [r["loss"] for r in rows if "loss" in r]
         assert len(losses[name]) == 2 and all(math.isfinite(v) for v in losses[name])
         assert 0.0 <= rows[-1]["knn_top1"] <= 1.0  # the monitor ran, under the path's autocast
-        ckpt = torch.load(out / "checkpoint.pt", weights_only=False)
+        ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
         assert ckpt["model"]["backbone.conv1.weight"].is_contiguous(memory_format=torch.channels_last)
     for eager, compiled in zip(losses["eager"], losses["compiled"]):
         assert abs(eager - compiled) <= 0.02 * abs(eager) + 1e-3, losses

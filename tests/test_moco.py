@@ -137,7 +137,7 @@ def test_command_line_one_and_two_processes(method, image_folder, tmp_path):
         rows = metrics(out)
         assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3] and "knn_top1" in rows[-1]
         assert all(0 < r["loss"] < 10 and "pos_sim" in r for r in rows if "loss" in r)
-        ckpt = torch.load(out / "checkpoint.pt", weights_only=False)
+        ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
         assert ckpt["method"] == method and int(ckpt["model"]["queue_ptr"]) == (3 * 8) % 16
         assert len(ckpt["rng"]) == world
 

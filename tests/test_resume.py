@@ -15,7 +15,7 @@ ARGS = ["--epochs", "3", "--knn-every", "-1", *SMALL]
 
 
 def state(out):
-    return torch.load(out / "checkpoint.pt", weights_only=False)
+    return torch.load(out / "checkpoint.pt", weights_only=True)
 
 
 @pytest.mark.parametrize("method", ["simsiam", "simclr", "mocov1", "byol", "barlow", "vicreg", "unigrad"])
@@ -49,7 +49,7 @@ def test_interrupted_and_resumed_run_ends_with_the_weights_of_a_straight_run(met
 
 WRITER = """
 import sys, torch
-from common.train import save_atomic
+from common.checkpoint import save_atomic
 version = 0
 while True:
     version += 1
@@ -73,7 +73,7 @@ def test_a_kill_during_a_checkpoint_write_leaves_a_loadable_checkpoint(tmp_path)
     finally:
         p.kill()
         p.wait()
-    ckpt = torch.load(path, weights_only=False)
+    ckpt = torch.load(path, weights_only=True)
     assert ckpt["version"] >= 1 and torch.all(ckpt["weights"] == ckpt["version"])
     assert killed_mid_write  # the temporary file was being written when the process died
 
@@ -126,7 +126,7 @@ def test_ctrl_c_inside_a_step_ends_after_that_step_with_one_line(monkeypatch, im
     with pytest.raises(SystemExit) as e:
         run_main(simsiam, "--dataset", "folder", "--data-dir", image_folder, *ARGS, "--out", tmp_path)
     assert str(e.value) == f"interrupted at step 5; the same command resumes from {tmp_path / 'checkpoint.pt'} " \
-                          "(the last epoch end)"
+                          "(step 3)"
     assert len(calls) == 5 and state(tmp_path)["step"] == 3  # the step under way finished; nothing was saved after
     assert signal.getsignal(signal.SIGINT) is previous  # the run's handler is gone with the run
 

@@ -1,0 +1,85 @@
+"""A run's log: progress lines, OUT/metrics.jsonl (one JSON object per event), and with --tensorboard the
+same scalars in OUT/tensorboard. Rank 0 writes; every rank takes part in the means it logs.
+
+    metrics = Metrics(directory, device, tensorboard=False)
+    metrics.record(step, loss, lr=lr, **stats)   # each step: tensors stay on the device
+    metrics.flush(step, epoch, ...)              # every --log-every steps: one transfer, a line and a row
+    metrics.write({"step": ..., "knn_top1": ...})
+"""
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from common import dist
+
+
+class Metrics:
+    def __init__(self, directory, device, tensorboard=False):
+        self.path = Path(directory) / "metrics.jsonl"
+        self.device = device
+        self._logged, self._first_bad = {}, None
+        self._tensorboard = _tensorboard(directory) if tensorboard and dist.is_main() else None
+        self.start_timer(0)
+
+    def start_timer(self, step):
+        self._time, self._step0 = time.time(), step
+
+    def drop_after(self, step):
+        """Forget the rows an interrupted run logged after its checkpoint at `step` (rank 0)."""
+        if dist.is_main() and self.path.exists():
+            rows = [r for r in self.path.read_text().splitlines() if r and json.loads(r)["step"] <= step]
+            self.path.write_text("".join(r + "\n" for r in rows))
+
+    def record(self, step, loss, **stats):
+        """This step's loss and statistics, kept on the device until the next flush; the first step whose loss
+        is not finite is remembered there too (no transfer, no wait)."""
+        first = torch.where(~torch.isfinite(loss.detach()), step + 1, -1)  # steps count from 1, as printed
+        self._first_bad = first if self._first_bad is None else torch.where(self._first_bad >= 0, self._first_bad, first)
+        self._logged = {"loss": loss.detach(), **stats}
+
+    def first_bad_step(self):
+        """The first step of any rank whose loss was not finite, or None (a transfer: all ranks call it)."""
+        if self._first_bad is None:
+            return None
+        bad = [s for s in dist.gather(self._first_bad.reshape(1)).tolist() if s >= 0]
+        return min(bad) if bad else None
+
+    def flush(self, step, epoch, epochs, total_steps, batch_size):
+        """A progress line and a metrics.jsonl row, the values averaged over ranks in one transfer. Here and at
+        the checkpoints the loop waits for the device; nowhere else."""
+        row = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=self.device).reshape(())
+                           for v in self._logged.values()])
+        values = dict(zip(self._logged, dist.all_reduce_mean(row).tolist()))
+        now = time.time()
+        speed = (step - self._step0) * batch_size / max(now - self._time, 1e-9)
+        eta = (total_steps - step) * batch_size / max(speed, 1e-9)
+        self.start_timer(step)
+        self.write({"step": step, "epoch": epoch, **values, "img_per_s": speed})
+        if dist.is_main():
+            shown = " ".join(f"{k} {v:.4g}" for k, v in values.items())
+            print(f"epoch {epoch + 1}/{epochs} step {step}/{total_steps} {shown} | {speed:.0f} img/s "
+                  f"| ETA {int(eta // 3600)}:{time.strftime('%M:%S', time.gmtime(eta))}", flush=True)
+
+    def write(self, row):
+        if not dist.is_main():
+            return
+        row = {**row, "time": time.time()}  # wall clock, for the report's wall time
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        if self._tensorboard:  # the same scalars, against the step
+            for name, value in row.items():
+                if name not in ("step", "epoch", "time"):
+                    self._tensorboard.add_scalar(name, value, row["step"])
+            self._tensorboard.flush()
+
+
+def _tensorboard(directory):
+    """A SummaryWriter on OUT/tensorboard, or one line saying how to install tensorboard."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        dist.fail("--tensorboard needs the tensorboard package: `uv sync --group tensorboard` "
+                  "(or pip install tensorboard), or drop --tensorboard")
+    return SummaryWriter(str(Path(directory) / "tensorboard"))
