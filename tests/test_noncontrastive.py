@@ -196,3 +196,41 @@ def test_vicreg_expander_has_biases_except_the_last_layer():
     linears = [m for m in model.expander if isinstance(m, torch.nn.Linear)]
     assert [m.bias is not None for m in linears] == [True, True, False]
     assert [type(m).__name__ for m in model.expander] == ["Linear", "BatchNorm1d", "ReLU"] * 2 + ["Linear"]
+
+
+def _barlow_lars(net, lr, lr_biases, wd):
+    """barlow.main's optimiser: two LARS groups, weights and biases + BN (ndim == 1), at their peaks."""
+    from common import optim
+    weights = [p for p in net.parameters() if p.ndim > 1]
+    biases = [p for p in net.parameters() if p.ndim == 1]
+    return optim.LARS([{"params": weights, "lr": lr}, {"params": biases, "lr": lr_biases}], weight_decay=wd,
+                      momentum=0.9)
+
+
+def test_barlow_imagenet_preset_takes_the_official_steps_of_32_gpus():
+    """The official gradient on W GPUs is 1/W of the exact one (tests/test_distributed.py). LARS steps of the
+    official lr-biases and weight decay on g/32 equal the preset's steps on g, for every parameter; the
+    official values on g (the preset before the translation) take other steps."""
+    from common import cli
+    a = cli.parse(barlow.Args, barlow.PRESETS, ["--dataset", "imagenet"])
+    scale, W = a.batch_size / 256, 32
+    torch.manual_seed(0)
+    model = barlow.build_model(barlow.Args(image_size=8, dim=16)).double()
+    official, untranslated = copy.deepcopy(model), copy.deepcopy(model)
+    start = [p.detach().clone() for p in model.parameters()]
+    ours = _barlow_lars(model, a.lr * scale, a.lr_biases * scale, a.wd)
+    theirs = _barlow_lars(official, 0.2 * scale, 0.0048 * scale, 1.5e-6)  # the paper's values, official gradient
+    plain = _barlow_lars(untranslated, 0.2 * scale, 0.0048 * scale, 1.5e-6)  # the paper's values, exact gradient
+    loss, _ = model(rand(8, 3, 8, 8, seed=1), rand(8, 3, 8, 8, seed=2))
+    loss.backward()
+    for p, q, r in zip(model.parameters(), official.parameters(), untranslated.parameters()):
+        q.grad, r.grad = p.grad / W, p.grad.clone()
+    for opt in (ours, theirs, plain):
+        opt.step()
+    names = [n for n, _ in model.named_parameters()]
+    steps = [[p.detach() - p0 for p, p0 in zip(m.parameters(), start)] for m in (model, official, untranslated)]
+    for name, d_ours, d_official in zip(names, steps[0], steps[1]):
+        torch.testing.assert_close(d_ours, d_official, rtol=1e-7, atol=1e-14, msg=name)
+    differs = {n for n, d_ours, d_plain in zip(names, steps[0], steps[2])
+               if not torch.allclose(d_ours, d_plain, rtol=1e-3, atol=0)}
+    assert {"projector.1.weight", "projector.0.weight"} <= differs  # a BN γ and a weight matrix
