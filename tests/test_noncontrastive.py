@@ -234,3 +234,31 @@ def test_barlow_imagenet_preset_takes_the_official_steps_of_32_gpus():
     differs = {n for n, d_ours, d_plain in zip(names, steps[0], steps[2])
                if not torch.allclose(d_ours, d_plain, rtol=1e-3, atol=0)}
     assert {"projector.1.weight", "projector.0.weight"} <= differs  # a BN γ and a weight matrix
+
+
+def test_byol_main_moves_the_target_after_each_step_with_the_cosine_tau(monkeypatch, image_folder, tmp_path):
+    """Through the real loop: after optimiser step k the target is ξ ← τ_k ξ + (1 − τ_k) θ, with θ the
+    online weights *after* that step and τ_k the cosine schedule of §3.3 written out here (not
+    byol.target_decay). A τ held at τ_base, or a target update before the optimiser step, fails."""
+    from conftest import SMALL, run_main
+    snapshots, build = [], byol.build_model
+
+    def build_model(args):
+        model = build(args)
+        model.register_forward_pre_hook(lambda m, _: snapshots.append(copy.deepcopy(m.state_dict())))
+        return model
+    monkeypatch.setattr(byol, "build_model", build_model)
+    K, tau_base = 3, 0.5  # one epoch of 3 steps (24 images, batch 8); a τ_base far from 1
+    run_main(byol, "--dataset", "folder", "--data-dir", image_folder, *SMALL, "--epochs", "1", "--knn-every", "-1",
+             "--hidden-dim", "16", "--dim", "8", "--tau-base", str(tau_base), "--warmup-epochs", "0", "--lr", "20",
+             "--out", tmp_path)
+    snapshots.append(torch.load(tmp_path / "checkpoint.pt", weights_only=True)["model"])
+    assert len(snapshots) == K + 1
+    for k in range(K):
+        tau = 1 - (1 - tau_base) * (math.cos(math.pi * k / K) + 1) / 2
+        before, after = snapshots[k], snapshots[k + 1]
+        for name in ["backbone.conv1.weight", "projector.0.weight", "projector.1.weight"]:
+            theta = after[name]  # the online weights after step k
+            assert not torch.allclose(theta, before[name])  # (the step moved them)
+            torch.testing.assert_close(after["target_" + name], tau * before["target_" + name] + (1 - tau) * theta,
+                                       rtol=1e-5, atol=1e-7, msg=f"step {k}, {name}")
