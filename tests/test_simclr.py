@@ -112,7 +112,7 @@ def test_forward_gradient_is_the_gradient_of_twice_eq1_through_every_candidate()
     torch.testing.assert_close(loss, expected, rtol=1e-10, atol=1e-12)
     for (name, p), q in zip(model.named_parameters(), reference.parameters()):
         if p.requires_grad:
-            torch.testing.assert_close(p.grad, q.grad, rtol=1e-8, atol=1e-12, msg=name)
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-8, atol=1e-12, msg=lambda m, name=name: f"{name}: {m}")
 
 
 def test_every_batchnorm_normalises_over_both_views_at_once():

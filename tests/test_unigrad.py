@@ -111,4 +111,4 @@ def test_forward_uses_F_updated_with_this_batch():
     torch.testing.assert_close(model.F, F.to(model.F.dtype))
     for (name, p), q in zip(model.named_parameters(), reference.parameters()):
         if p.requires_grad:
-            torch.testing.assert_close(p.grad, q.grad, rtol=1e-8, atol=1e-12, msg=name)
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-8, atol=1e-12, msg=lambda m, name=name: f"{name}: {m}")
