@@ -230,7 +230,8 @@ def test_barlow_imagenet_preset_takes_the_official_steps_of_32_gpus():
     names = [n for n, _ in model.named_parameters()]
     steps = [[p.detach() - p0 for p, p0 in zip(m.parameters(), start)] for m in (model, official, untranslated)]
     for name, d_ours, d_official in zip(names, steps[0], steps[1]):
-        torch.testing.assert_close(d_ours, d_official, rtol=1e-7, atol=1e-14, msg=lambda m, name=name: f"{name}: {m}")
+        torch.testing.assert_close(d_ours, d_official, rtol=1e-7, atol=1e-14,
+                                   msg=lambda m, name=name: f"{name}: {m}")
     differs = {n for n, d_ours, d_plain in zip(names, steps[0], steps[2])
                if not torch.allclose(d_ours, d_plain, rtol=1e-3, atol=0)}
     assert {"projector.1.weight", "projector.0.weight"} <= differs  # a BN γ and a weight matrix
@@ -260,5 +261,6 @@ def test_byol_main_moves_the_target_after_each_step_with_the_cosine_tau(monkeypa
         for name in ["backbone.conv1.weight", "projector.0.weight", "projector.1.weight"]:
             theta = after[name]  # the online weights after step k
             assert not torch.allclose(theta, before[name])  # (the step moved them)
-            torch.testing.assert_close(after["target_" + name], tau * before["target_" + name] + (1 - tau) * theta,
-                                       rtol=1e-5, atol=1e-7, msg=lambda m, k=k, name=name: f"step {k}, {name}: {m}")
+            expected = tau * before["target_" + name] + (1 - tau) * theta
+            torch.testing.assert_close(after["target_" + name], expected, rtol=1e-5, atol=1e-7,
+                                       msg=lambda m, k=k, name=name: f"step {k}, {name}: {m}")
