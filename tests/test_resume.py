@@ -90,16 +90,16 @@ def test_a_write_that_dies_inside_run_save_leaves_the_last_checkpoint(monkeypatc
 
     def dying_save(obj, f, *args, **kwargs):
         calls.append(f)
-        if len(calls) <= 2:  # the first epoch end: checkpoint.pt and backbone.pt
+        if len(calls) <= 2:  # the first epoch end (step 3): checkpoint.pt and backbone.pt
             return real_save(obj, f, *args, **kwargs)
         with open(f, "wb") if isinstance(f, (str, os.PathLike)) else contextlib.nullcontext(f) as out:
             out.write(b"half a checkpoint")
         raise OSError(28, "No space left on device")
     monkeypatch.setattr(torch, "save", dying_save)
     with pytest.raises(OSError, match="No space left"):
-        run_main(simsiam, "--dataset", "folder", "--data-dir", image_folder, *SMALL, "--epochs", "2",
-                 "--knn-every", "-1", "--out", tmp_path)
-    assert len(calls) == 3  # the write of the second checkpoint died
+        run_main(simsiam, "--dataset", "folder", "--data-dir", image_folder, *SMALL, "--image-size", "8",
+                 "--epochs", "2", "--max-steps", "4", "--knn-every", "-1", "--out", tmp_path)
+    assert len(calls) == 3  # the write of the second checkpoint (step 4, the last) died
     try:
         ckpt = state(tmp_path)
     except Exception as e:

@@ -92,7 +92,7 @@ def test_forward_uses_F_updated_with_this_batch():
     model.F_ready.fill_(True)
     model.m.fill_(0.9)
     reference = copy.deepcopy(model)
-    x1, x2 = rand(6, 3, 16, 16, seed=1), rand(6, 3, 16, 16, seed=2)
+    x1, x2 = rand(6, 3, 8, 8, seed=1), rand(6, 3, 8, 8, seed=2)
     loss, _ = model(x1, x2)
     loss.backward()
     normalize = torch.nn.functional.normalize
