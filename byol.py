@@ -32,6 +32,8 @@ class Args(cli.System):
     batch_size: int = 512  # N, global over all ranks; CIFAR-10: as the other methods here (paper 4096)
     lr: float = 1.0  # base lr, scaled lr × N/256; CIFAR-10: solo-learn (paper 0.2, §3.3)
     wd: float = 1e-5  # weight decay, BN and biases excluded; CIFAR-10: solo-learn (paper 1.5e-6, §3.3)
+    eta: float = 0.02  # LARS trust coefficient η; CIFAR-10: solo-learn (official configs/byol.py 1e-3)
+    clip_lr: bool = True  # LARS layer rate clipped at the lr, solo-learn's clip_lr; CIFAR-10: solo-learn (official: no)
     warmup_epochs: int = 10  # linear warmup, then cosine per step; paper §3.3
     tau_base: float = 0.99  # τ_base of the target's moving average, Eq. 1; CIFAR-10: solo-learn (paper 0.996)
     hidden_dim: int = 4096  # hidden width of the projector g and the predictor q; paper §3.3
@@ -45,7 +47,7 @@ class Args(cli.System):
 
 PRESETS = {  # the paper's ImageNet recipe, §3.3: ResNet-50, LARS lr 0.2 × N/256, wd 1.5e-6, N 4096, τ_base 0.996
     "imagenet": dict(arch="resnet50", epochs=1000, batch_size=4096, lr=0.2, wd=1.5e-6, tau_base=0.996,
-                     blur1=1.0, blur2=0.1),
+                     eta=1e-3, clip_lr=False, blur1=1.0, blur2=0.1),
 }
 # --8<-- [end:args]
 
@@ -141,9 +143,10 @@ def main(args):
     net = dist.unwrap(model)
 
     init_lr = args.lr * args.batch_size / 256  # linear scaling rule; §3.3
-    # LARS: BN parameters and biases (ndim == 1) skip weight decay and the trust ratio; §3.3
+    # LARS: BN parameters and biases (ndim == 1) skip weight decay and the trust ratio; §3.3. On CIFAR-10 the
+    # recipe's own LARS (solo-learn's, with clip_lr); on ImageNet the official one (η 1e-3, no clipping)
     online = [*net.backbone.parameters(), *net.projector.parameters(), *net.predictor.parameters()]
-    optimizer = optim.LARS(online, lr=init_lr, weight_decay=args.wd, momentum=0.9)
+    optimizer = optim.LARS(online, lr=init_lr, weight_decay=args.wd, momentum=0.9, eta=args.eta, clip_lr=args.clip_lr)
     run.watch(model, optimizer, backbone=net.backbone)  # the target network is part of the model's state
     total, warmup = args.epochs * len(loader), args.warmup_epochs * len(loader)
 

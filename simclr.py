@@ -5,7 +5,7 @@ Two views of each image go through the same encoder f and projection head g; eac
 out its partner among all 2N views of the batch (the NT-Xent loss), the other 2(N−1) views being
 its negatives. Large batches, strong colour distortion and a nonlinear head are what make it work.
 
-    uv run simclr.py                                     # CIFAR-10, the official README's recipe
+    uv run simclr.py                                     # CIFAR-10, the official v1 README's recipe
     uv run simclr.py --dataset imagenet --data-dir DIR   # the paper's ImageNet recipe
     torchrun --nproc-per-node 8 simclr.py                # 8 GPUs: --batch-size stays global
     torchrun --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500 simclr.py
@@ -26,16 +26,18 @@ from common.train import Run, fp32
 # --8<-- [start:args]
 @dataclass
 class Args(cli.System):
-    epochs: int = 1000  # CIFAR-10: 1000 epochs; official README
-    batch_size: int = 512  # N, global over all ranks; CIFAR-10: official README
-    lr: float = 1.0  # base lr, scaled lr × N/256 (linear scaling, App. B.1); CIFAR-10: official README
-    wd: float = 1e-4  # weight decay, BN and biases excluded; CIFAR-10: official README (ImageNet 1e-6)
-    tau: float = 0.5  # τ in Eq. 1; CIFAR-10: official README (ImageNet 0.1)
-    warmup_epochs: int = 10  # linear warmup, then cosine per step; paper §4 / App. B.1
-    dim: int = 128  # output dim of the projection head g; paper App. B.2
-    s: float = 0.5  # colour distortion strength; CIFAR-10: official README (ImageNet 1.0)
-    blur: bool = False  # CIFAR-10: no Gaussian blur at 32 px; official README
-    crop_min: float = 0.08  # smallest crop area; paper App. A
+    # CIFAR-10: one source for the whole recipe, the v1 code that produced the paper's numbers and the
+    # v1 README's CIFAR-10 command (google-research/simclr at 85e8552, README.md "Pretraining")
+    epochs: int = 1000  # CIFAR-10: 1000 epochs; v1 README
+    batch_size: int = 512  # N, global over all ranks; CIFAR-10: v1 README
+    lr: float = 1.0  # base lr, scaled lr × N/256 (linear scaling, App. B.1); CIFAR-10: v1 README
+    wd: float = 1e-6  # weight decay, BN and biases excluded; CIFAR-10: v1 README (v2 README 1e-4, for v2's 3-layer head)
+    tau: float = 0.5  # τ in Eq. 1; CIFAR-10: v1 README (ImageNet 0.1)
+    warmup_epochs: int = 10  # linear warmup, then cosine per step; paper §4 / App. B.1, v1 run.py
+    dim: int = 128  # output dim of the projection head g; paper App. B.2, v1 run.py head_proj_dim
+    s: float = 0.5  # colour distortion strength; CIFAR-10: v1 README (ImageNet 1.0)
+    blur: bool = False  # CIFAR-10: no Gaussian blur at 32 px; v1 README
+    crop_min: float = 0.08  # smallest crop area; paper App. A, v1 data_util.py
 
 
 PRESETS = {  # the paper's ImageNet recipe: ResNet-50, LARS lr 0.3 × N/256, wd 1e-6, τ 0.1, N 4096 (1000 epochs for 69.3)
@@ -69,8 +71,11 @@ def projection_head(in_dim, dim):
     """g: Linear → BN → ReLU → Linear → BN without β, linear layers bias-free; §2.1 and the official code."""
     last_bn = nn.BatchNorm1d(dim)
     last_bn.bias.requires_grad_(False)  # BN with γ but no β ("center=False" in the TF code): β stays 0
-    return nn.Sequential(nn.Linear(in_dim, in_dim, bias=False), nn.BatchNorm1d(in_dim), nn.ReLU(inplace=True),
-                         nn.Linear(in_dim, dim, bias=False), last_bn)
+    g = nn.Sequential(nn.Linear(in_dim, in_dim, bias=False), nn.BatchNorm1d(in_dim), nn.ReLU(inplace=True),
+                      nn.Linear(in_dim, dim, bias=False), last_bn)
+    for layer in (g[0], g[3]):  # N(0, 0.01²) weights, as the official model_util.py linear_layer
+        nn.init.normal_(layer.weight, std=0.01)
+    return g
 
 
 class SimCLR(nn.Module):
@@ -82,11 +87,17 @@ class SimCLR(nn.Module):
         self.tau = args.tau
 
     def forward(self, x1, x2):  # Alg. 1
-        z1 = self.projector(self.backbone(x1))  # (n, dim): z = g(f(x)), n = N / world on this rank
-        z2 = self.projector(self.backbone(x2))  # (n, dim)
+        n = len(x1)  # n = N / world on this rank
+        # Both views in one batch of 2n, so that every BN normalises over the 2N views of the global batch
+        # (official model.py: the views are concatenated with tf.concat before the network)
+        z = self.projector(self.backbone(torch.cat([x1, x2])))  # (2n, dim): z = g(f(x))
+        z1, z2 = z[:n], z[n:]  # (n, dim) each: the two views of this rank's images
         # Negatives come from every rank: gather with gradient, so 1 GPU and W GPUs agree exactly.
         z1_all, z2_all = dist.gather_with_grad(z1), dist.gather_with_grad(z2)  # (N, dim)
-        loss = nt_xent(z1, z2, self.tau, z1_all, z2_all, start=dist.rank() * len(z1))
+        # differs from paper: twice Eq. 1's L, the official objective.py's loss_a + loss_b (each a mean over
+        # the anchors); why: the published runs train on that scale; effect: under LARS the BN parameters
+        # take 2× the plain-SGD steps of L and the weight decay weighs half as much against the gradient
+        loss = 2 * nt_xent(z1, z2, self.tau, z1_all, z2_all, start=dist.rank() * n)
         pos_sim = F.cosine_similarity(z1.detach(), z2.detach()).mean()
         return loss, {"pos_sim": pos_sim}
 # --8<-- [end:model]
@@ -128,8 +139,9 @@ def main(args):
     net = dist.unwrap(model)
 
     init_lr = args.lr * args.batch_size / 256  # linear scaling rule; App. B.1
-    # LARS (§2.2): BN parameters and biases (ndim == 1) skip weight decay and the trust ratio; App. B.1
-    optimizer = optim.LARS(net.parameters(), lr=init_lr, weight_decay=args.wd, momentum=0.9)
+    # LARS (§2.2): BN parameters and biases (ndim == 1) skip weight decay and the trust ratio; App. B.1.
+    # The lr inside the momentum buffer as the official lars_optimizer.py (classic_momentum): v ← m·v + lr·g, w ← w − v
+    optimizer = optim.LARS(net.parameters(), lr=init_lr, weight_decay=args.wd, momentum=0.9, lr_in_momentum=True)
     run.watch(model, optimizer, backbone=net.backbone)  # resumes from OUT/checkpoint.pt if there is one
     total, warmup = args.epochs * len(loader), args.warmup_epochs * len(loader)
 
@@ -138,7 +150,7 @@ def main(args):
         optim.set_lr(optimizer, lr)
         # --8<-- [start:train-step]
         with run.autocast():
-            loss, stats = model(x1, x2)  # Eq. 1 over all 2N views of the global batch
+            loss, stats = model(x1, x2)  # 2 × Eq. 1 over all 2N views of the global batch
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

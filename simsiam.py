@@ -32,7 +32,7 @@ class Args(cli.System):
     wd: float = 5e-4  # weight decay; CIFAR-10: paper App. D (ImageNet 1e-4)
     momentum: float = 0.9  # SGD momentum; paper §3, baseline settings
     proj_layers: int = 2  # CIFAR-10: 2-layer projection MLP; paper App. D (ImageNet 3)
-    dim: int = 2048  # output dim of the projection MLP f; paper §3
+    dim: int = 2048  # output dim of the projection MLP f (hidden: the backbone's width); paper §3, App. D
     pred_dim: int = 512  # hidden dim of the prediction MLP h (the bottleneck); paper §3
     fix_pred_lr: bool = False  # keep h at the initial lr; paper §4.2 (ImageNet only)
     blur: bool = False  # CIFAR-10: no Gaussian blur at 32 px; paper App. D
@@ -62,13 +62,13 @@ def augment(args):
 
 # --8<-- [start:model]
 def projection_mlp(in_dim, dim, layers):
-    """f's projection MLP: BN on every layer, ReLU on all but the last, whose BN has no affine; §3."""
-    blocks, d = [], in_dim
+    """f's projection MLP: BN on every layer, ReLU on all but the last, whose BN has no affine; §3. The hidden
+    layers keep the backbone's width in_dim (2048 for ResNet-50, 512 for ResNet-18), as the official builder.py."""
+    blocks = []
     for _ in range(layers - 1):
-        blocks += [nn.Linear(d, dim, bias=False), nn.BatchNorm1d(dim), nn.ReLU(inplace=True)]
-        d = dim
+        blocks += [nn.Linear(in_dim, in_dim, bias=False), nn.BatchNorm1d(in_dim), nn.ReLU(inplace=True)]
     # The official code keeps a frozen bias on the last Linear; a constant bias before BN does nothing.
-    return nn.Sequential(*blocks, nn.Linear(d, dim, bias=False), nn.BatchNorm1d(dim, affine=False))
+    return nn.Sequential(*blocks, nn.Linear(in_dim, dim, bias=False), nn.BatchNorm1d(dim, affine=False))
 
 
 def prediction_mlp(dim, pred_dim):

@@ -1,19 +1,23 @@
 """The unified gradient view (UniGrad, arXiv:2112.05141), made executable.
 
 For each method, the gradient of its loss, as implemented in its file, with respect to the online
-embedding u₁ of view 1 (the L2-normalised output the loss compares), written as
+embedding of view 1 in the form the loss takes it: the L2-normalised u₁ for MoCo, SimCLR, BYOL,
+SimSiam and UniGrad (whose losses compare unit vectors), the raw embedding z₁ for Barlow Twins and
+VICReg (whose losses standardise it over the batch or regularise its variance and covariance, and
+never normalise it); written as
 
-    ∂L/∂u₁ = −positive + negative        (negative already carries its balance coefficient λ)
+    ∂L/∂u₁ (or ∂L/∂z₁) = −positive + negative        (negative already carries its balance coefficient λ)
 
 `tests/test_gradients.py` checks every form below against autograd on the real loss functions;
 docs/gradients.md states them. Where a loss normalises its input itself, autograd with respect to a
 unit vector u returns (I − uuᵀ)·∂L/∂u, the component tangent to the sphere; the test compares that.
 
 The probe, `python -m common.gradients [--backbone DIR/backbone.pt]`, embeds one batch of two views
-with a backbone (random-init by default), evaluates every form on the same embeddings, and prints
-and saves (JSON and a PNG) the norms of the positive and negative parts and the cosine between the
-methods' total gradients (their parts tangent to the sphere at u₁, which is what a normalising loss passes
-on to the network):
+with a backbone (random-init by default), evaluates every form on the same embeddings, each fed as in
+training (raw z to Barlow Twins and VICReg, z/‖z‖ to the others), and prints and saves (JSON and a
+PNG) the norms of the positive and negative parts and the cosine between the gradients that the
+methods' losses send to the same raw embedding z₁: for a loss of u = z/‖z‖, its part tangent to the
+sphere at u₁ divided by ‖z₁‖ (the chain rule through the normalisation):
 
     uv run python -m common.gradients --dataset synthetic --out runs/gradients
 """
@@ -111,18 +115,24 @@ def unigrad(u1, u2m, F_, lambd):
 
 # --- the probe -------------------------------------------------------------------------------------
 
-def forms(u1, u2, queue, args):
-    """Every method's (positive, negative) on the same embeddings: the other view stands for the target
-    (momentum, target and key branches equal the online one here, predictors are the identity), the
-    MoCo queue holds the keys of another batch, and F is the batch's correlation matrix."""
+RAW = ("barlow", "vicreg")  # the losses fed the embedding as it is, not L2-normalised
+
+
+def forms(z1, z2, queue, args):
+    """Every method's (positive, negative) on the same embeddings z1, z2 (N, d), each fed what its loss
+    takes in training: Barlow Twins and VICReg the raw z, the others u = z/‖z‖. The other view stands
+    for the target (momentum, target and key branches equal the online one here, predictors are the
+    identity), the MoCo queue (d, K, unit columns) holds the keys of another batch, and F is the batch's
+    correlation matrix."""
+    u1, u2 = F.normalize(z1, dim=1), F.normalize(z2, dim=1)
     F_ = (u1.T @ u1 + u2.T @ u2) / (2 * len(u1))
     return {
         "moco": moco(u1, u2, queue, args.tau),
-        "simclr": simclr(u1, u2, args.tau),
+        "simclr": tuple(2 * t for t in simclr(u1, u2, args.tau)),  # simclr.py trains on 2 × nt_xent
         "byol": byol(u1, u2),
         "simsiam": simsiam(u1, u2),
-        "barlow": barlow(u1, u2, args.lambd_barlow),
-        "vicreg": vicreg(u1, u2, 25.0, 25.0, 1.0),
+        "barlow": barlow(z1, z2, args.lambd_barlow),
+        "vicreg": vicreg(z1, z2, 25.0, 25.0, 1.0),
         "unigrad": unigrad(u1, u2, F_, args.lambd_unigrad),
     }
 
@@ -145,7 +155,7 @@ def embed(args):
     x1, x2 = torch.stack([a for a, _ in pairs]), torch.stack([b for _, b in pairs])
     backbone.train()  # batch statistics, as in a training step
     with torch.no_grad():
-        return F.normalize(backbone(x1).double(), dim=1), F.normalize(backbone(x2).double(), dim=1)
+        return backbone(x1).double(), backbone(x2).double()  # raw embeddings z, (2N, d) each
 
 
 def plot(result, path):
@@ -157,7 +167,7 @@ def plot(result, path):
     heat, bars = fig.subplots(1, 2, width_ratios=[1.1, 1])
     image = heat.imshow(cosine, cmap="RdBu_r", vmin=-1, vmax=1)
     heat.set(xticks=range(len(names)), xticklabels=names, yticks=range(len(names)), yticklabels=names,
-             title="cosine between total gradients (tangent parts)")
+             title="cosine between the gradients sent to the raw z₁")
     for i, row in enumerate(cosine):
         for j, c in enumerate(row):
             heat.text(j, i, f"{c:+.2f}", ha="center", va="center", fontsize=8, color="white" if abs(c) > 0.6 else "black")
@@ -194,23 +204,25 @@ def main(argv=None):
     except ImportError:
         raise SystemExit("error: the figure needs matplotlib: `uv sync --group plots` (or pip install matplotlib)")
     try:
-        u1, u2 = embed(args)  # two batches: the second one's keys are MoCo's queue
-        if len(u1) < 4:
-            raise SystemExit(f"error: the dataset has {len(u1)} images; the probe needs at least 4")
-        n = len(u1) // 2
-        u1, u2, queue = u1[:n], u2[:n], u2[n:].T
+        z1, z2 = embed(args)  # two batches: the second one's keys are MoCo's queue
+        if len(z1) < 4:
+            raise SystemExit(f"error: the dataset has {len(z1)} images; the probe needs at least 4")
+        n = len(z1) // 2
+        z1, z2, queue = z1[:n], z2[:n], F.normalize(z2[n:], dim=1).T
     except data.DataError as e:
         raise SystemExit(data.DataError.line(e)) from None
     except (OSError, RuntimeError, KeyError) as e:
         raise SystemExit(f"error: cannot load {args.backbone} ({type(e).__name__}); pass a backbone.pt") from None
     totals, norms = {}, {}
-    for name, (positive, negative) in forms(u1, u2, queue, args).items():
+    u1 = F.normalize(z1, dim=1)
+    for name, (positive, negative) in forms(z1, z2, queue, args).items():
         total = negative - positive
-        # the part tangent to the sphere at u₁, the part a normalising loss passes on to the network
-        totals[name] = (total - (total * u1).sum(1, keepdim=True) * u1).flatten()
+        if name not in RAW:  # ∂L/∂u reaches z through u = z/‖z‖: its part tangent at u₁, divided by ‖z₁‖
+            total = (total - (total * u1).sum(1, keepdim=True) * u1) / z1.norm(dim=1, keepdim=True)
+        totals[name] = total.flatten()
         norms[name] = {"positive": positive.norm(dim=1).mean().item(), "negative": negative.norm(dim=1).mean().item()}
     cosine = {a: {b: F.cosine_similarity(totals[a], totals[b], dim=0).item() for b in totals} for a in totals}
-    result = {"batch": len(u1), "dim": u1.shape[1], "backbone": args.backbone or f"random-init {args.arch}",
+    result = {"batch": len(z1), "dim": z1.shape[1], "backbone": args.backbone or f"random-init {args.arch}",
               "norms": norms, "cosine": cosine}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -58,7 +58,7 @@ class Run:
         self.dir = Path(args.out)
         self.checkpoint = self.dir / "checkpoint.pt"
         self.step = self.epoch = 0
-        self._knn_data = None
+        self._knn_data, self._knn_also = None, {}
         if dist.is_main():
             try:
                 self.dir.mkdir(parents=True, exist_ok=True)
@@ -277,9 +277,18 @@ class Run:
             self._knn_data = [data.eval_loader(data.Transformed(data.dataset(a.dataset, a.data_dir, split, a.image_size), t),
                                                256, a.workers, self.device) for split in ("train", "test")]
         top1 = evaluate.knn(self.backbone, *self._knn_data, self.gpu, self.args.knn_k, self.args.knn_t)
-        self.metrics.write({"step": self.step, "epoch": self.epoch, "knn_top1": top1})
+        row = {"step": self.step, "epoch": self.epoch, "knn_top1": top1}
+        for key, encoder in self._knn_also.items():
+            row[key] = evaluate.knn(encoder, *self._knn_data, self.gpu, self.args.knn_k, self.args.knn_t)
+        self.metrics.write(row)
         if dist.is_main():
-            print(f"epoch {self.epoch} step {self.step}: kNN top-1 {100 * top1:.2f}%", flush=True)
+            also = "".join(f", {key} {100 * row[key]:.2f}%" for key in self._knn_also)
+            print(f"epoch {self.epoch} step {self.step}: kNN top-1 {100 * top1:.2f}%{also}", flush=True)
+
+    def knn_also(self, key, encoder):
+        """At each kNN evaluation, also log the kNN top-1 on `encoder`'s output under `key` (a method that
+        compares with a published kNN number taken on another feature than the backbone's)."""
+        self._knn_also[key] = encoder
 
     def log(self, loss, **stats):
         """Record this step's loss and statistics (tensors stay on the device until the next log line)."""

@@ -26,6 +26,7 @@ def check_run(out, steps, world=1, method="simsiam"):
     assert train[-1]["lr"] > 0  # (a warmup starts from 0)
     knn = [r for r in rows if "knn_top1" in r]
     assert knn and knn[-1]["step"] == steps and 0.0 <= knn[-1]["knn_top1"] <= 1.0
+    assert set(knn[-1]) == {"step", "epoch", "knn_top1", "time"}  # MoCo's second kNN feature is MoCo's alone
     ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
     assert ckpt["method"] == method and ckpt["step"] == steps and len(ckpt["rng"]) == world
     assert any(k.startswith(("projector.", "expander.")) for k in ckpt["model"])
@@ -33,6 +34,14 @@ def check_run(out, steps, world=1, method="simsiam"):
     assert backbone(torch.randn(2, 3, 16, 16)).shape == (2, 512)
     config = json.loads((out / "config.json").read_text())
     assert config["method"] == method and config["world_size"] == world
+
+
+def lars_variant(out):
+    """The LARS options main() chose, as its checkpoint records them (the same in every group)."""
+    groups = torch.load(out / "checkpoint.pt", weights_only=True)["optimizer"]["param_groups"]
+    options = [{k: g[k] for k in ("lr_in_momentum", "clip_lr", "eta")} for g in groups]
+    assert all(o == options[0] for o in options)
+    return options[0]
 
 
 def test_simsiam_image_folder_one_process_then_linear_probe(image_folder, tmp_path):
@@ -69,6 +78,7 @@ def test_simclr_one_process_and_torchrun(image_folder, tmp_path):
     run_main(simclr, "--dataset", "folder", "--data-dir", image_folder, "--epochs", "2", "--max-steps", "3",
              *SMALL, "--out", tmp_path / "one")
     check_run(tmp_path / "one", 3, method="simclr")
+    assert lars_variant(tmp_path / "one") == {"lr_in_momentum": True, "clip_lr": False, "eta": 0.001}  # official LARS
     torchrun("simclr.py", "--dataset", "folder", "--data-dir", image_folder, "--epochs", "2", "--max-steps", "3",
              *SMALL, "--out", tmp_path / "two")
     check_run(tmp_path / "two", 3, world=2, method="simclr")
@@ -83,6 +93,10 @@ def test_one_process_and_torchrun_agree(method, image_folder, tmp_path):
     argv = ["--dataset", "folder", "--data-dir", image_folder, "--epochs", "2", "--max-steps", "3", *SMALL]
     run_main(module, *argv, "--out", tmp_path / "one")
     check_run(tmp_path / "one", 3, method=method)
+    if method != "unigrad":  # (SGD) BYOL's CIFAR-10 recipe takes solo-learn's LARS, Barlow Twins and VICReg the papers'
+        clipped = method == "byol"
+        assert lars_variant(tmp_path / "one") == {"lr_in_momentum": False, "clip_lr": clipped,
+                                                  "eta": 0.02 if clipped else 0.001}
     torchrun(f"{method}.py", *argv, "--out", tmp_path / "two")
     check_run(tmp_path / "two", 3, world=2, method=method)
     one, two = metrics(tmp_path / "one"), metrics(tmp_path / "two")
@@ -134,7 +148,9 @@ def test_models_of_both_recipes_have_the_papers_shapes():
     cifar = simsiam.build_model(cli.parse(simsiam.Args, simsiam.PRESETS, []))
     assert cifar.backbone.conv1.kernel_size == (3, 3) and isinstance(cifar.backbone.maxpool, torch.nn.Identity)
     linears = [m for m in cifar.projector if isinstance(m, torch.nn.Linear)]
-    assert [(m.in_features, m.out_features) for m in linears] == [(512, 2048), (2048, 2048)]
+    # App. D: 2 layers, 2048-d outputs; the hidden width is the backbone's, as the official builder.py
+    assert [(m.in_features, m.out_features) for m in linears] == [(512, 512), (512, 2048)]
+    assert [m.num_features for m in cifar.projector if isinstance(m, torch.nn.BatchNorm1d)] == [512, 2048]
     assert not cifar.projector[-1].affine  # last BN without affine
     assert [(m.in_features, m.out_features, m.bias is not None) for m in cifar.predictor
             if isinstance(m, torch.nn.Linear)] == [(2048, 512, False), (512, 2048, True)]

@@ -116,3 +116,21 @@ def test_the_probe_writes_json_and_a_png(tmp_path):
             assert saved["cosine"][a][b] == pytest.approx(saved["cosine"][b][a])
     from PIL import Image
     assert Image.open(tmp_path / "gradients.png").size[0] > 300
+
+
+def test_the_probe_feeds_each_loss_what_it_sees_in_training(tmp_path, monkeypatch):
+    """Barlow Twins and VICReg take the raw embedding in training (their files never normalise it), the
+    other losses unit vectors: the probe's real run hands each form the same kind of input."""
+    seen = {}
+    for name in ["moco", "simclr", "byol", "simsiam", "barlow", "vicreg", "unigrad"]:
+        form = getattr(gradients, name)
+
+        def recording(first, *rest, _name=name, _form=form):
+            seen[_name] = first.norm(dim=1)
+            return _form(first, *rest)
+        monkeypatch.setattr(gradients, name, recording)
+    gradients.main(["--dataset", "synthetic", "--batch-size", "12", "--image-size", "16", "--out", str(tmp_path)])
+    for name, norms in seen.items():
+        unit = torch.allclose(norms, torch.ones_like(norms))
+        assert unit == (name not in ("barlow", "vicreg")), name
+    torch.testing.assert_close(seen["barlow"], seen["vicreg"])  # both the same raw embeddings

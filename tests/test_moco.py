@@ -1,5 +1,6 @@
 """MoCo v1/v2: InfoNCE against an explicit queue, the momentum update, the FIFO queue, split BN and
 ShuffleBN (one process and gloo ranks)."""
+import copy
 import math
 
 import pytest
@@ -88,6 +89,28 @@ def test_shuffle_keeps_every_key_with_its_query_on_one_process():
     torch.testing.assert_close(unshuffle(shuffled * 10), x * 10)  # a per-sample encoder, then back in order
 
 
+@pytest.mark.parametrize("module", [mocov1, mocov2])
+def test_forward_pairs_each_query_with_the_key_of_its_own_image(module):
+    """The model's real forward: with per-sample BN statistics out of play (plain BN over the whole
+    batch, which a permutation does not change), the keys after ShuffleBN and its undoing are those of
+    an unshuffled key encoder, in query order: the loss is Eq. 1 on them, and the queue receives them.
+    A forward that drops the unshuffle pairs q_i with another image's key and fails."""
+    torch.manual_seed(0)
+    model = module.build_model(module.Args(image_size=8, dim=16, K=16, bn_splits=1)).double()
+    reference = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(1)
+    x_q, x_k = (torch.randn(8, 3, 8, 8, generator=g, dtype=torch.float64) for _ in range(2))
+    queue = model.queue.clone()
+    loss, stats = model(x_q, x_k)
+    with torch.no_grad():
+        module.momentum_update(reference.encoder_q, reference.encoder_k, reference.m)
+        q = torch.nn.functional.normalize(reference.encoder_q(x_q), dim=1)
+        k = torch.nn.functional.normalize(reference.encoder_k(x_k), dim=1)  # no shuffle at all
+    assert math.isclose(loss.item(), naive_info_nce(q, k, queue, model.tau), rel_tol=1e-9)
+    torch.testing.assert_close(model.queue[:, :8].T, k)  # the keys enqueued in query order
+    torch.testing.assert_close(stats["pos_sim"], (q * k).sum(1).mean())
+
+
 def _shuffle_and_enqueue(rank, world, x, k):
     n = len(x) // world
     torch.manual_seed(rank)  # rank 0's permutation must win
@@ -127,15 +150,25 @@ def test_mocov2_is_mocov1_plus_the_four_changes():
 
 
 @pytest.mark.parametrize("method", ["mocov1", "mocov2"])
-def test_command_line_one_and_two_processes(method, image_folder, tmp_path):
+def test_command_line_one_and_two_processes(method, image_folder, tmp_path, monkeypatch):
+    from common import evaluate
     module = {"mocov1": mocov1, "mocov2": mocov2}[method]
     flags = ["--dataset", "folder", "--data-dir", image_folder, "--epochs", "2", "--max-steps", "3", *SMALL,
              "--K", "16"]
+    widths, features = [], evaluate.features
+
+    def recorded(*args, **kwargs):  # the width of the features each kNN evaluation reads
+        f, labels = features(*args, **kwargs)
+        widths.append(f.shape[1])
+        return f, labels
+    monkeypatch.setattr(evaluate, "features", recorded)
     run_main(module, *flags, "--out", tmp_path / "one")
+    assert widths == [512, 512, 128, 128]  # memory and queries: the backbone, then the demo's 128-d q
     torchrun(f"{method}.py", *flags, "--out", tmp_path / "two")
     for out, world in [(tmp_path / "one", 1), (tmp_path / "two", 2)]:
         rows = metrics(out)
-        assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3] and "knn_top1" in rows[-1]
+        assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3]
+        assert {"knn_top1", "knn_top1_q"} <= set(rows[-1]) and 0 <= rows[-1]["knn_top1_q"] <= 1
         assert all(0 < r["loss"] < 10 and "pos_sim" in r for r in rows if "loss" in r)
         ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
         assert ckpt["method"] == method and int(ckpt["model"]["queue_ptr"]) == (3 * 8) % 16

@@ -196,3 +196,71 @@ def test_vicreg_expander_has_biases_except_the_last_layer():
     linears = [m for m in model.expander if isinstance(m, torch.nn.Linear)]
     assert [m.bias is not None for m in linears] == [True, True, False]
     assert [type(m).__name__ for m in model.expander] == ["Linear", "BatchNorm1d", "ReLU"] * 2 + ["Linear"]
+
+
+def _barlow_lars(net, lr, lr_biases, wd):
+    """barlow.main's optimiser: two LARS groups, weights and biases + BN (ndim == 1), at their peaks."""
+    from common import optim
+    weights = [p for p in net.parameters() if p.ndim > 1]
+    biases = [p for p in net.parameters() if p.ndim == 1]
+    return optim.LARS([{"params": weights, "lr": lr}, {"params": biases, "lr": lr_biases}], weight_decay=wd,
+                      momentum=0.9)
+
+
+def test_barlow_imagenet_preset_takes_the_official_steps_of_32_gpus():
+    """The official gradient on W GPUs is 1/W of the exact one (tests/test_distributed.py). LARS steps of the
+    official lr-biases and weight decay on g/32 equal the preset's steps on g, for every parameter; the
+    official values on g (the preset before the translation) take other steps. (The projector alone: it
+    has both kinds of parameters, weight matrices and BN.)"""
+    from common import cli
+    a = cli.parse(barlow.Args, barlow.PRESETS, ["--dataset", "imagenet"])
+    scale, W = a.batch_size / 256, 32
+    torch.manual_seed(0)
+    model = barlow.projector(32, 16).double()
+    official, untranslated = copy.deepcopy(model), copy.deepcopy(model)
+    start = [p.detach().clone() for p in model.parameters()]
+    ours = _barlow_lars(model, a.lr * scale, a.lr_biases * scale, a.wd)
+    theirs = _barlow_lars(official, 0.2 * scale, 0.0048 * scale, 1.5e-6)  # the paper's values, official gradient
+    plain = _barlow_lars(untranslated, 0.2 * scale, 0.0048 * scale, 1.5e-6)  # the paper's values, exact gradient
+    barlow.barlow_twins_loss(model(rand(8, 32, seed=1)), model(rand(8, 32, seed=2)), a.lambd).backward()
+    for p, q, r in zip(model.parameters(), official.parameters(), untranslated.parameters()):
+        q.grad, r.grad = p.grad / W, p.grad.clone()
+    for opt in (ours, theirs, plain):
+        opt.step()
+    names = [n for n, _ in model.named_parameters()]
+    steps = [[p.detach() - p0 for p, p0 in zip(m.parameters(), start)] for m in (model, official, untranslated)]
+    for name, d_ours, d_official in zip(names, steps[0], steps[1]):
+        torch.testing.assert_close(d_ours, d_official, rtol=1e-7, atol=1e-14,
+                                   msg=lambda m, name=name: f"{name}: {m}")
+    differs = {n for n, d_ours, d_plain in zip(names, steps[0], steps[2])
+               if not torch.allclose(d_ours, d_plain, rtol=1e-3, atol=0)}
+    assert {"1.weight", "6.weight"} <= differs  # a BN γ and a weight matrix
+
+
+def test_byol_main_moves_the_target_after_each_step_with_the_cosine_tau(monkeypatch, image_folder, tmp_path):
+    """Through the real loop: after optimiser step k the target is ξ ← τ_k ξ + (1 − τ_k) θ, with θ the
+    online weights *after* that step and τ_k the cosine schedule of §3.3 written out here (not
+    byol.target_decay). A τ held at τ_base, or a target update before the optimiser step, fails."""
+    from conftest import SMALL, run_main
+    snapshots, build = [], byol.build_model
+
+    def build_model(args):
+        model = build(args)
+        model.register_forward_pre_hook(lambda m, _: snapshots.append(copy.deepcopy(m.state_dict())))
+        return model
+    monkeypatch.setattr(byol, "build_model", build_model)
+    K, tau_base = 3, 0.5  # one epoch of 3 steps (24 images, batch 8); a τ_base far from 1
+    run_main(byol, "--dataset", "folder", "--data-dir", image_folder, *SMALL, "--image-size", "8", "--epochs", "1",
+             "--knn-every", "-1", "--hidden-dim", "16", "--dim", "8", "--tau-base", str(tau_base),
+             "--warmup-epochs", "0", "--out", tmp_path)
+    snapshots.append(torch.load(tmp_path / "checkpoint.pt", weights_only=True)["model"])
+    assert len(snapshots) == K + 1
+    for k in range(K):
+        tau = 1 - (1 - tau_base) * (math.cos(math.pi * k / K) + 1) / 2
+        before, after = snapshots[k], snapshots[k + 1]
+        for name in ["backbone.conv1.weight", "projector.0.weight", "projector.1.weight"]:
+            theta = after[name]  # the online weights after step k
+            assert not torch.allclose(theta, before[name])  # (the step moved them)
+            expected = tau * before["target_" + name] + (1 - tau) * theta
+            torch.testing.assert_close(after["target_" + name], expected, rtol=1e-5, atol=1e-7,
+                                       msg=lambda m, k=k, name=name: f"step {k}, {name}: {m}")

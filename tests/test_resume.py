@@ -78,6 +78,35 @@ def test_a_kill_during_a_checkpoint_write_leaves_a_loadable_checkpoint(tmp_path)
     assert killed_mid_write  # the temporary file was being written when the process died
 
 
+def test_a_write_that_dies_inside_run_save_leaves_the_last_checkpoint(monkeypatch, image_folder, tmp_path):
+    """Run.save through the real loop: the second checkpoint's write dies half-way (part of a file
+    written, then an error, as a kill or a full disk leaves it). checkpoint.pt is still the first
+    epoch's whole checkpoint: the real save writes elsewhere and renames (save_atomic); a plain
+    torch.save onto checkpoint.pt would have left the partial file in its place."""
+    import contextlib
+    import os
+    import simsiam
+    real_save, calls = torch.save, []
+
+    def dying_save(obj, f, *args, **kwargs):
+        calls.append(f)
+        if len(calls) <= 2:  # the first epoch end (step 3): checkpoint.pt and backbone.pt
+            return real_save(obj, f, *args, **kwargs)
+        with open(f, "wb") if isinstance(f, (str, os.PathLike)) else contextlib.nullcontext(f) as out:
+            out.write(b"half a checkpoint")
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(torch, "save", dying_save)
+    with pytest.raises(OSError, match="No space left"):
+        run_main(simsiam, "--dataset", "folder", "--data-dir", image_folder, *SMALL, "--image-size", "8",
+                 "--epochs", "2", "--max-steps", "4", "--knn-every", "-1", "--out", tmp_path)
+    assert len(calls) == 3  # the write of the second checkpoint (step 4, the last) died
+    try:
+        ckpt = state(tmp_path)
+    except Exception as e:
+        pytest.fail(f"checkpoint.pt no longer loads after the failed write ({type(e).__name__}: {e})")
+    assert (ckpt["step"], ckpt["epoch"]) == (3, 1)
+
+
 def test_ctrl_c_ends_with_one_line_and_a_whole_checkpoint(tmp_path):
 
     out = tmp_path / "run"

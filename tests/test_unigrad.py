@@ -78,3 +78,37 @@ def test_F_is_part_of_the_checkpointed_state_and_the_projector_has_the_papers_sh
     layers = [type(m).__name__ for m in model.projector]
     assert layers == ["Linear", "BatchNorm1d", "ReLU"] * 2 + ["Linear"]
     assert [m.bias is not None for m in model.projector if isinstance(m, torch.nn.Linear)] == [False, False, True]
+
+
+def test_forward_uses_F_updated_with_this_batch():
+    """The real forward against its parts in the official order (pretrainer.py loss_unigrad): the
+    momentum update, the momentum embeddings, F ← ρF + (1 − ρ)F_batch with this batch, then the
+    surrogate with that F. Every online parameter's gradient must match; a forward that updates F after
+    the loss (the surrogate then sees last step's F) fails."""
+    import copy
+    model = small()
+    F_prev = rand(8, 8, seed=7)
+    model.F.copy_(F_prev @ F_prev.T / 8)  # a previous F, far from this batch's correlation
+    model.F_ready.fill_(True)
+    model.m.fill_(0.9)
+    reference = copy.deepcopy(model)
+    x1, x2 = rand(6, 3, 8, 8, seed=1), rand(6, 3, 8, 8, seed=2)
+    loss, _ = model(x1, x2)
+    loss.backward()
+    normalize = torch.nn.functional.normalize
+    with torch.no_grad():
+        unigrad.momentum_update(reference.backbone, reference.momentum_backbone, 0.9)
+        unigrad.momentum_update(reference.projector, reference.momentum_projector, 0.9)
+        z1m = normalize(reference.momentum_projector(reference.momentum_backbone(x1)), dim=1)
+        z2m = normalize(reference.momentum_projector(reference.momentum_backbone(x2)), dim=1)
+        F_batch = (z1m.T @ z1m + z2m.T @ z2m) / (2 * len(z1m))
+        F = reference.rho * reference.F + (1 - reference.rho) * F_batch
+    z1 = normalize(reference.projector(reference.backbone(x1)), dim=1)
+    z2 = normalize(reference.projector(reference.backbone(x2)), dim=1)
+    expected = unigrad.unigrad_loss(z1, z2, z1m, z2m, F, reference.lambd)
+    expected.backward()
+    torch.testing.assert_close(loss, expected)
+    torch.testing.assert_close(model.F, F.to(model.F.dtype))
+    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-8, atol=1e-12, msg=lambda m, name=name: f"{name}: {m}")
