@@ -140,6 +140,9 @@ def main(args):
     scale = args.batch_size / 256  # linear scaling rule; paper
     weights = [p for p in net.parameters() if p.ndim > 1]
     biases = [p for p in net.parameters() if p.ndim == 1]
+    # differs from solo-learn, the source of the CIFAR-10 lr and wd: the paper's LARS (η 0.001, no clipping), where
+    # solo-learn uses η 0.02 with each layer's rate clipped at the lr and scales the loss by 0.1; its accuracy is
+    # for its whole recipe
     optimizer = optim.LARS([{"params": weights, "peak": args.lr * scale},
                             {"params": biases, "peak": args.lr_biases * scale}], weight_decay=args.wd, momentum=0.9)
     run.watch(model, optimizer, backbone=net.backbone)  # resumes from OUT/checkpoint.pt if there is one

@@ -141,6 +141,8 @@ def main(args):
 
     init_lr = args.lr * args.batch_size / 256  # linear scaling rule; §4.2
     # LARS: BN parameters and biases (ndim == 1) skip weight decay and the trust ratio; §4.2
+    # differs from solo-learn, the source of the CIFAR-10 lr and wd: the paper's LARS (η 0.001, no clipping), where
+    # solo-learn uses η 0.02 with each layer's rate clipped at the lr; its accuracy is for its whole recipe
     optimizer = optim.LARS(net.parameters(), lr=init_lr, weight_decay=args.wd, momentum=0.9)
     run.watch(model, optimizer, backbone=net.backbone)  # resumes from OUT/checkpoint.pt if there is one
     total, warmup = args.epochs * len(loader), args.warmup_epochs * len(loader)
