@@ -5,7 +5,7 @@ A query encoder learns to match each query q with the key k₊ of another view o
 against K negative keys kept in a queue; the key encoder is a momentum average of the query encoder,
 so that the keys in the queue stay consistent while the queue is much larger than the batch.
 
-    uv run mocov1.py                                     # CIFAR-10: the paper's recipe, the CIFAR demo's K, m, τ, lr, wd
+    uv run mocov1.py                                     # CIFAR-10: the demo's K, m, τ, lr, wd
     uv run mocov1.py --dataset imagenet --data-dir DIR   # the paper's ImageNet recipe
     torchrun --nproc-per-node 8 mocov1.py                # 8 GPUs: --batch-size stays global
     torchrun --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500 mocov1.py

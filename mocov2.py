@@ -5,7 +5,7 @@ MoCo v1 (arXiv:1911.05722) with four changes from SimCLR, and nothing else: an M
 stronger augmentation with blur ("aug+"), temperature 0.2, and a cosine learning-rate schedule.
 `diff mocov1.py mocov2.py` shows exactly these.
 
-    uv run mocov2.py                                     # CIFAR-10: the paper's recipe, the CIFAR demo's K, m, τ, lr, wd
+    uv run mocov2.py                                     # CIFAR-10: the demo's K, m, τ, lr, wd
     uv run mocov2.py --dataset imagenet --data-dir DIR   # the paper's ImageNet recipe
     torchrun --nproc-per-node 8 mocov2.py                # 8 GPUs: --batch-size stays global
     torchrun --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500 mocov2.py

@@ -89,7 +89,7 @@ def test_torchrun_restarts_a_killed_worker_and_the_run_resumes_exactly(image_fol
     """A worker SIGKILLed after the first checkpoint: torchrun's agent (--max-restarts) starts the workers
     again, they resume by themselves, and the run ends with the weights of one that was never interrupted,
     each step once in metrics.jsonl."""
-    argv = ["simsiam.py", "--dataset", "folder", "--data-dir", str(image_folder), "--epochs", "4", "--knn-every", "-1",
+    argv = ["simsiam.py", "--dataset", "folder", "--data-dir", str(image_folder), "--epochs", "3", "--knn-every", "-1",
             *map(str, SMALL)]
 
     def launch(out):
@@ -102,7 +102,7 @@ def test_torchrun_restarts_a_killed_worker_and_the_run_resumes_exactly(image_fol
     straight, elastic = launch(tmp_path / "straight"), launch(tmp_path / "elastic")
     deadline, killed = time.time() + 300, None
     while killed is None and time.time() < deadline and elastic.poll() is None:
-        if (tmp_path / "elastic" / "checkpoint.pt").exists():  # the first epoch end (step 3 of 12)
+        if (tmp_path / "elastic" / "checkpoint.pt").exists():  # the first epoch end (step 3 of 9)
             workers = _children(elastic.pid)
             killed = next((pid for pid, rank in workers.items() if rank == "1"), None)
             if killed:
@@ -112,11 +112,11 @@ def test_torchrun_restarts_a_killed_worker_and_the_run_resumes_exactly(image_fol
     assert straight.returncode == 0 and elastic.returncode == 0, logs
     assert killed and "resumed from" in logs["elastic"], logs["elastic"]
     a, b = state(tmp_path / "straight"), state(tmp_path / "elastic")
-    assert a["step"] == b["step"] == 12 and b["step"] > 3
+    assert a["step"] == b["step"] == 9
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
     steps = [r["step"] for r in metrics(tmp_path / "elastic") if "loss" in r]
-    assert steps == list(range(1, 13))  # none lost, none repeated
+    assert steps == list(range(1, 10))  # none lost, none repeated
 
 
 def test_save_every_checkpoints_inside_an_epoch_and_the_resume_is_exact(monkeypatch, image_folder, tmp_path):
