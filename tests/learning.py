@@ -42,8 +42,9 @@ CONFIGS = {
         "gain": 3.0,
     },
     "simclr": {
-        "short": ["--epochs", "2", "--batch-size", "64", "--warmup-epochs", "0", "--dim", "128"],
-        "loss_drop": 0.08,  # measured 9.16 -> 8.72 in the 62 steps (the official scale 2 × L; 2 log 127 ≈ 9.69 at random)
+        "short": ["--epochs", "1", "--batch-size", "64", "--warmup-epochs", "0", "--dim", "128"],
+        "loss_drop": 0.16,  # measured 9.16 -> 8.82 in one epoch, 31 steps (the official scale 2 × L; 2 log 127 ≈ 9.69
+        # at random); 9.16 -> 8.72 in two (62 steps), which the suite's time no longer allows
         "knn": ["--epochs", "10", "--batch-size", "128", "--warmup-epochs", "1", "--dim", "128"],
         "gain": 3.0,
     },

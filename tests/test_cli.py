@@ -64,15 +64,6 @@ def test_simsiam_synthetic_one_process(tmp_path):
     check_run(tmp_path, 2)
 
 
-def test_simsiam_torchrun_two_processes(image_folder, tmp_path):
-    """(--dataset synthetic runs under torchrun in the two-node test below.)"""
-    torchrun("simsiam.py", "--dataset", "folder", "--data-dir", image_folder, "--epochs", "2", "--max-steps", "3",
-             *SMALL, "--out", tmp_path)
-    check_run(tmp_path, 3, world=2)
-    assert json.loads((tmp_path / "config.json").read_text())["command"].startswith(
-        "torchrun --nproc-per-node=2 simsiam.py --dataset folder")
-
-
 def test_simclr_one_process_and_torchrun(image_folder, tmp_path):
     import simclr
     run_main(simclr, "--dataset", "folder", "--data-dir", image_folder, "--epochs", "2", "--max-steps", "3",

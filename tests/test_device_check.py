@@ -38,7 +38,7 @@ def test_the_tiny_check_runs_every_item_with_plain_python(tmp_path):
         assert row["overhead_pct"] is not None and row["peak_mem_mib"] > 0
     for row in r["train"].values():
         assert 0 <= row["knn_top1"] <= 100 and row["wall_s"] > 0
-    assert r["info"]["data"].startswith("40 training JPEGs") and r["info"]["torch"]
+    assert r["info"]["data"].startswith("20 training JPEGs") and r["info"]["torch"]
     md = (out / "results.md").read_text()
     assert "| simclr |" in md and "## Trained" in md and "## Speed with --compile" in md
     logs = (out / "logs.txt").read_text()

@@ -77,11 +77,11 @@ SMALL_ARGS = {
 }
 
 
-@pytest.mark.parametrize("world", [2, 3])
-@pytest.mark.parametrize("method", sorted(SMALL_ARGS))
+@pytest.mark.parametrize("method, world", [(m, 2) for m in sorted(SMALL_ARGS)] + [("simclr", 3), ("vicreg", 3)])
 def test_one_step_on_W_ranks_equals_one_process(method, world, gloo):
     """W ranks of N/W samples (global BN, DDP, gathers), in channels_last, give the loss, every parameter
-    gradient and every BN running statistic of one process with all N samples in the default layout."""
+    gradient and every BN running statistic of one process with all N samples in the default layout.
+    (W = 3 for the two losses that gather with gradient, whose shards then differ most from W = 2.)"""
     module = importlib.import_module(method)
     args = SMALL_ARGS[method](module)
     torch.manual_seed(1)

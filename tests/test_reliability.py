@@ -15,6 +15,7 @@ import torch
 
 import simsiam
 from conftest import ROOT, SMALL, env, free_port, metrics, run_main
+from test_cli import check_run
 from test_resume import _sigint_inside_step, state
 
 TINY = ["--epochs", "3", "--knn-every", "-1", *SMALL]  # 24 images of image_folder: 3 steps of 8 per epoch
@@ -89,7 +90,7 @@ def test_torchrun_restarts_a_killed_worker_and_the_run_resumes_exactly(image_fol
     """A worker SIGKILLed after the first checkpoint: torchrun's agent (--max-restarts) starts the workers
     again, they resume by themselves, and the run ends with the weights of one that was never interrupted,
     each step once in metrics.jsonl."""
-    argv = ["simsiam.py", "--dataset", "folder", "--data-dir", str(image_folder), "--epochs", "3", "--knn-every", "-1",
+    argv = ["simsiam.py", "--dataset", "folder", "--data-dir", str(image_folder), "--epochs", "3", "--knn-every", "0",
             *map(str, SMALL)]
 
     def launch(out):
@@ -117,6 +118,9 @@ def test_torchrun_restarts_a_killed_worker_and_the_run_resumes_exactly(image_fol
         assert torch.equal(a["model"][k], b["model"][k]), k
     steps = [r["step"] for r in metrics(tmp_path / "elastic") if "loss" in r]
     assert steps == list(range(1, 10))  # none lost, none repeated
+    check_run(tmp_path / "straight", 9, world=2)  # and simsiam.py under torchrun, as tests/test_cli.py checks runs
+    assert json.loads((tmp_path / "straight" / "config.json").read_text())["command"].startswith(
+        "torchrun --nproc-per-node=2 simsiam.py --dataset folder")
 
 
 def test_save_every_checkpoints_inside_an_epoch_and_the_resume_is_exact(monkeypatch, image_folder, tmp_path):
