@@ -36,8 +36,9 @@ COMMON = ["--dataset", "folder", "--image-size", "16", "--workers", "2", "--knn-
 
 CONFIGS = {
     "simsiam": {
-        "short": ["--epochs", "2", "--batch-size", "64", "--lr", "0.2", "--dim", "512", "--pred-dim", "128"],
-        "loss_drop": 0.15,  # the loss starts near 0 (random p, z): it must reach −0.15 or lower
+        "short": ["--epochs", "1", "--batch-size", "64", "--lr", "0.2", "--dim", "512", "--pred-dim", "128"],
+        "loss_drop": 0.06,  # the loss starts near 0 (random p, z): measured 0.001 -> -0.120 in one epoch, 31 steps
+        # (-0.224 in two, which the suite's time no longer allows); half of that is asked
         "knn": ["--epochs", "10", "--batch-size", "128", "--lr", "0.1", "--dim", "512", "--pred-dim", "128"],
         "gain": 3.0,
     },
