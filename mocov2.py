@@ -185,6 +185,8 @@ def main(args):
     run.knn_also("knn_top1_q", net.encoder_q)
 
     for x_q, x_k in run.batches(loader):
+        # differs from official code: the CIFAR demo counts epochs from 1, so its cosine runs one epoch ahead of
+        # main_moco.py's (which this follows) and its last epoch trains at lr 0; expected effect: negligible
         lr = optim.cosine(run.epoch, args.epochs, init_lr)  # cosine per epoch; MoCo v2 §2
         optim.set_lr(optimizer, lr)
         # --8<-- [start:train-step]
