@@ -90,7 +90,7 @@ def drive(run, loader, opts, result, base_memory):
     """Run.batches for the bench: yields the batches of the four phases, timing the loop around it."""
     device, n, size = run.device, loader.batch_size, run.args.image_size
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    x1, x2 = (run._to_device(torch.randn(n, 3, size, size, device=device)) for _ in range(2))
+    x1, x2 = (run.gpu.inputs(torch.randn(n, 3, size, size, device=device)) for _ in range(2))
 
     def timed(batches):
         """Yield the batches to the loop; return the seconds the loop took over them."""

@@ -255,16 +255,14 @@ class Run:
         """step -> the rest of the epoch's view pairs, on the device: the loader's batches, or with
         --gpu-augment, made on the device from the loader's dataset and sampler (common.gpu_augment)."""
         if not self.args.gpu_augment:
-            return lambda step: ((self._to_device(x1), self._to_device(x2)) for x1, x2 in loader)
+            return lambda step: ((self.gpu.inputs(x1), self.gpu.inputs(x2)) for x1, x2 in loader)
         try:
             made = gpu_augment.DeviceViews(loader.dataset, self.device, self.args.seed, self.args.workers)
         except gpu_augment.Unsupported as e:
             dist.fail(str(e))
-        return lambda step: ((self._to_device(x1), self._to_device(x2))
+        # (gpu.inputs: a copy from pinned memory on CUDA; views made on the device change layout only)
+        return lambda step: ((self.gpu.inputs(x1), self.gpu.inputs(x2))
                              for x1, x2 in made.epoch(loader.sampler, loader.batch_size, step))
-
-    def _to_device(self, x):
-        return self.gpu.inputs(x)  # (a copy from pinned memory on CUDA; on-device views change layout only)
 
     # --- kNN and the log -------------------------------------------------------------------------------
 
