@@ -9,8 +9,28 @@ A page asks for generated content with an HTML comment alone on a line:
     <!-- measured -->                    (or all of them)
     <!-- readme TITLE -->                the text of README.md's section "## TITLE"
 
-Everything is read with `ast`, never imported, so the build needs neither torch nor a GPU. A marker
-that names a missing file or cannot be generated logs a warning, which fails `mkdocs build --strict`.
+and a method page walks its whole file, block by block, each block beside its commentary:
+
+    <!-- annotate simsiam.py [changed-from mocov1.py] -->
+    commentary of the first block (markdown: prose, $$ equations $$, lists)
+    <!-- code -->                        the first block: from the line after the module docstring
+    commentary of the next block
+    <!-- code "def D(" -->               the next block starts at the first line after the previous
+    ...                                  block's start that contains this text
+    <!-- end annotate -->                the last block runs to the end of the file
+
+The blocks tile the file: every line after the docstring is shown once, in order, with its own line
+number. `changed-from` marks the lines that differ from another file. In the code shown, `Eq. N`
+links to the display on the page whose \\tag is N, and every other reference to the paper (`§3.3`,
+`App. D`, `Alg. 1`, `Table 6`, `MoCo v2 §2`, ...) to the item of the list under `<!-- cited -->`
+that starts with it in bold. Each display `$$ ... \\tag{N} $$` gets the anchor `eq-N` and the list of
+the lines that implement it: the lines whose comments cite `Eq. N`, and the lines that contain the
+texts of a `<!-- implements N "text" ... -->` marker (for forms the code does not cite by number).
+A block's first lines that are headings (`### Loss`) stand above the row, full width.
+
+Everything is read with `ast` and `tokenize`, never imported, so the build needs neither torch nor a
+GPU. A marker that names a missing file or cannot be generated, a reference without its target, an
+equation without a line: each logs a warning, which fails `mkdocs build --strict`.
 """
 import ast
 import difflib
@@ -19,12 +39,38 @@ import re
 import tokenize
 from pathlib import Path
 
+import html
+import json
+import posixpath
+
 from mkdocs.plugins import get_plugin_logger
+from mkdocs.structure.files import File
+from pygments.lexers import PythonLexer
+from pygments.token import STANDARD_TYPES, Comment, String
 
 log = get_plugin_logger("docs-hooks")
 ROOT = Path(__file__).resolve().parents[1]
 MARKER = re.compile(r"^([ \t]*)<!--\s*(diff|args|api|measured|readme)\b\s*([^>]*?)\s*-->[ \t]*$", re.MULTILINE)
 API_ORDER = ["cli", "dist", "data", "resnet", "train", "optim", "evaluate", "linear", "knn", "report", "bench"]
+METHOD_FILES = ["mocov1.py", "mocov2.py", "simclr.py", "byol.py", "simsiam.py", "barlow.py", "vicreg.py", "unigrad.py"]
+SOURCE_DIR = "src"  # each method file is copied to the site as src/NAME.py, the target of the code's file links
+
+ANNOTATE = re.compile(r"^<!--\s*annotate\s+(\S+)(?:\s+changed-from\s+(\S+))?\s*-->[ \t]*\n(.*?)^<!--\s*end annotate\s*-->[ \t]*$",
+                      re.MULTILINE | re.DOTALL)
+CODE = re.compile(r'^<!--\s*code(?:\s+"([^"]+)")?\s*-->[ \t]*$', re.MULTILINE)
+IMPLEMENTS = re.compile(r"^<!--\s*implements\s+(\S+)((?:\s+\"[^\"]+\")+)\s*-->[ \t]*$", re.MULTILINE)
+PAPERS = r"MoCo v1|MoCo v2|MoCo|SimCLR|BYOL|SimSiam|Barlow Twins|VICReg|UniGrad"
+REF = re.compile(rf"(?:\b(?P<paper>{PAPERS})(?:'s)? )?(?P<ref>Eqs?\. \d+(?:(?:, | and | or )\d+\b)*|§ ?\d+(?:\.\d+)*|"
+                 r"App\. [A-Z](?:\.\d+)?\b|Alg\. \d+|Table \d+|Fig\. \d+)")
+STATE = {}  # per page (src_uri): the annotated file, its blocks and the `implements` markers
+
+
+def on_files(files, config, **kwargs):
+    """Each method file, copied into the site (src/NAME.py): the file the code blocks link to."""
+    for name in METHOD_FILES:
+        if (ROOT / name).is_file():
+            files.append(File.generated(config, f"{SOURCE_DIR}/{name}", content=_source(name)))
+    return files
 
 
 def on_page_markdown(markdown, page, **kwargs):
@@ -37,7 +83,212 @@ def on_page_markdown(markdown, page, **kwargs):
             log.warning(f"{page.file.src_uri}: cannot expand <!-- {kind} {operands} -->: {type(e).__name__}: {e}")
             text = f"!!! failure \"{kind} {operands}: {type(e).__name__}\"\n    {e}\n"
         return "".join(indent + line if line.strip("\r\n") else line for line in text.splitlines(keepends=True))
-    return MARKER.sub(replace, markdown)
+    markdown = MARKER.sub(replace, markdown)
+    state = STATE[page.file.src_uri] = {"file": None, "blocks": [], "implements": {}}
+    for m in IMPLEMENTS.finditer(markdown):
+        state["implements"].setdefault(m[1], []).extend(re.findall(r'"([^"]+)"', m[2]))
+    markdown = IMPLEMENTS.sub("", markdown)
+    try:
+        return ANNOTATE.sub(lambda m: annotate(page, state, m[1], m[2], m[3]), markdown)
+    except Exception as e:
+        log.warning(f"{page.file.src_uri}: cannot annotate: {type(e).__name__}: {e}")
+        return markdown
+
+
+def on_page_content(content, page, config, **kwargs):
+    """The generated code placed, equations anchored and tied to their lines, references linked, and
+    inline maths kept on one line with the punctuation that follows it."""
+    state = STATE.get(page.file.src_uri, {"file": None})
+    where = page.file.src_uri
+    cited = {}  # anchor: text of the item, for the links' tooltips
+    m = re.search(r"<!--\s*cited\s*-->\s*<ul>(.*?)</ul>", content, re.DOTALL)
+    if m:
+        def item(li):
+            key = _slug("ref", re.sub(r"\s+", " ", html.unescape(li[1])).strip())
+            cited[key] = re.sub(r"\s+", " ", html.unescape(re.sub(r"<[^>]+>", "", li[0]))).strip()
+            return f'<li id="{key}">{li[0][4:]}'
+        items = re.sub(r"<li><strong>(.*?)</strong>.*?</li>", item, m[1], flags=re.DOTALL)
+        content = content[:m.start(1)] + items + content[m.end(1):]
+    equations = {}
+    if state["file"]:
+        def anchor(d):
+            tag = re.search(r"\\tag\*?\{(.*?)\}", d[2])
+            if not tag:
+                log.warning(f"{where}: a displayed equation has no \\tag, so no anchor: {d[2][:80]!r}")
+                return d[0]
+            key = tag[1].strip()
+            lines = _implementing(state, key)
+            if not lines:
+                log.warning(f"{where}: no line of {state['file']} implements Eq. {key} (cite it as `Eq. {key}` in "
+                            f"a comment, or add <!-- implements {key} \"text\" -->)")
+            equations[key] = _slug("eq", key)
+            links = ", ".join(f'<a href="#L{n}">{n}</a>' for n in lines)
+            return (f'<div class="eq" id="{_slug("eq", key)}">{d[1]}<p class="eq-lines">'
+                    f'{state["file"]}, line{"s" if len(lines) > 1 else ""} {links}</p></div>')
+        content = re.sub(r'(<div class="arithmatex">(.*?)</div>)', anchor, content, flags=re.DOTALL)
+        text = _source(state["file"])
+        blocks = {i: (a, b) for i, (a, b) in enumerate(state["blocks"])}
+        changed = _changed_lines(text, _source(state["changed_from"])) if state.get("changed_from") else set()
+        lines = _highlight(text, lambda ref: _link(ref, equations, cited, where))
+        files_url = posixpath.relpath(f"{SOURCE_DIR}/{state['file']}", posixpath.dirname(page.url) or ".")
+        repo = (config.get("repo_url") or "").rstrip("/")
+        content = re.sub(r'<div class="ann-code" data-block="(\d+)"></div>',
+                         lambda b: _listing(state["file"], lines, *blocks[int(b[1])], changed, files_url, repo),
+                         content)
+    # inline maths and the punctuation after it on one line
+    content = re.sub(r'(<span class="arithmatex">.*?</span>)([.,;:!?)\]]+)', r'<span class="nowrap">\1\2</span>',
+                     content)
+    return content
+
+
+def _slug(kind, key):
+    return f"{kind}-" + re.sub(r"[^a-z0-9]+", "-", key.lower().replace("§", "s").replace("'", "p")).strip("-")
+
+
+def _refs(text):
+    """[(match, paper, ref, [equation numbers])] of the references to a paper in a text."""
+    out = []
+    for m in REF.finditer(text):
+        ref = re.sub(r"\s+", " ", m["ref"]).replace("§ ", "§")
+        numbers = re.findall(r"\d+", ref) if ref.startswith("Eq") and not m["paper"] else []
+        out.append((m, m["paper"], ref, numbers))
+    return out
+
+
+def _implementing(state, key):
+    """Line numbers of the annotated file that implement the equation tagged `key`."""
+    lines = _source(state["file"]).splitlines()
+    found = {n for n, line in enumerate(lines, 1) for _, _, _, numbers in _refs(line) if key in numbers}
+    for text in state["implements"].get(key, []):
+        hits = [n for n, line in enumerate(lines, 1) if text in line]
+        if not hits:
+            log.warning(f"<!-- implements {key} \"{text}\" -->: no line of {state['file']} contains the text")
+        found.update(hits)
+    return sorted(found)
+
+
+def _link(match, equations, cited, where):
+    """The HTML of one reference in the code: a link to its equation or to its item of the cited list."""
+    m, paper, ref, numbers = match
+    label = html.escape(m[0])
+    if numbers:
+        missing = [n for n in numbers if n not in equations]
+        if missing:
+            log.warning(f"{where}: the code cites Eq. {', '.join(missing)}, which no display on the page carries")
+            return label
+        parts = re.split(r"(\d+)", m[0])  # each number its own link: "Eq. 3 and 4"
+        return "".join(f'<a class="ann-ref" href="#{equations[p]}">{html.escape(p)}</a>' if p in numbers
+                       else html.escape(p) for p in parts)
+    key = f"{paper} {ref}" if paper else ref
+    target = _slug("ref", key)
+    if target not in cited:
+        log.warning(f"{where}: the code cites '{key}', which has no item in the list under <!-- cited -->")
+        return label
+    return f'<a class="ann-ref" href="#{target}" title="{html.escape(cited[target])}">{label}</a>'
+
+
+def _highlight(text, link):
+    """The file as a list of lines of highlighted HTML (pygments' token classes, the theme's colours),
+    references to the paper inside comments and strings turned into links by `link`."""
+    lines, current = [], []
+    for ttype, value in PythonLexer(stripnl=False, ensurenl=False).get_tokens(text):
+        css = STANDARD_TYPES.get(ttype)
+        t = ttype
+        while css is None and t.parent is not None:
+            t = t.parent
+            css = STANDARD_TYPES.get(t)
+        for i, part in enumerate(value.split("\n")):
+            if i:
+                lines.append("".join(current))
+                current = []
+            if not part:
+                continue
+            if ttype in Comment or ttype in String:
+                pieces, last = [], 0
+                for r in _refs(part):
+                    pieces += [html.escape(part[last:r[0].start()]), link(r)]
+                    last = r[0].end()
+                escaped = "".join(pieces) + html.escape(part[last:])
+            else:
+                escaped = html.escape(part)
+            current.append(f'<span class="{css}">{escaped}</span>' if css else escaped)
+    if current:
+        lines.append("".join(current))
+    return lines
+
+
+def _changed_lines(text, other):
+    """Line numbers of `text` that are not in `other` (replaced or inserted)."""
+    a, b = other.splitlines(), text.splitlines()
+    out = set()
+    for tag, _, _, j1, j2 in difflib.SequenceMatcher(None, a, b, autojunk=False).get_opcodes():
+        if tag in ("replace", "insert"):
+            out.update(range(j1 + 1, j2 + 1))
+    return out
+
+
+def _listing(name, lines, start, end, changed, file_url, repo):
+    """Lines start..end (1-based, inclusive) of a file: one block of the annotated walk-through."""
+    raw = _source(name).splitlines()
+    rows = []
+    for n in range(start, end + 1):
+        indent = len(raw[n - 1]) - len(raw[n - 1].lstrip(" "))
+        cls = "ann-line ann-changed" if n in changed else "ann-line"
+        rows.append(f'<span class="{cls}" id="L{n}" style="--i:{indent}"><a class="ann-ln" href="#L{n}" '
+                    f'data-ln="{n}" aria-hidden="true" tabindex="-1"></a>{lines[n - 1]}\n</span>')
+    source = f'<a href="{file_url}">{name}</a>'
+    if repo:
+        source += f' · <a href="{repo}/blob/HEAD/{name}#L{start}-L{end}">repository</a>'
+    return (f'<div class="ann-code" data-file="{name}" data-start="{start}" data-end="{end}">'
+            f'<div class="ann-file">{source} <span>lines {start}–{end}</span></div>'
+            f'<div class="language-python highlight"><pre><code>{"".join(rows)}</code></pre></div></div>')
+
+
+def _docstring_end(text):
+    """The last line (1-based) of the module docstring, 0 when there is none."""
+    tree = ast.parse(text)
+    if tree.body and isinstance(tree.body[0], ast.Expr) and isinstance(tree.body[0].value, ast.Constant) \
+            and isinstance(tree.body[0].value.value, str):
+        return tree.body[0].end_lineno
+    return 0
+
+
+def annotate(page, state, name, changed_from, body):
+    """One walk-through: rows of (commentary, code block), the blocks tiling the file."""
+    text = _source(name)
+    lines = text.splitlines()
+    state.update(file=name, changed_from=changed_from)
+    if changed_from:
+        _source(changed_from)  # a missing file fails here
+    chunks = CODE.split(body)  # [commentary, start, commentary, start, ..., trailing]
+    notes, starts, trailing = chunks[0:-1:2], chunks[1::2], chunks[-1]
+    if trailing.strip():
+        raise ValueError(f"text after the last <!-- code --> of {name}: {trailing.strip()[:60]!r}")
+    first = _docstring_end(text) + 1
+    if not starts or starts[0] is not None:
+        raise ValueError(f"the first block of {name} must be <!-- code --> (from line {first})")
+    begin = []
+    for s in starts:
+        if s is None:
+            if begin:
+                raise ValueError(f'only the first block of {name} may be <!-- code --> without a text')
+            begin.append(first)
+            continue
+        hit = next((n for n in range(begin[-1] + 1, len(lines) + 1) if s in lines[n - 1]), None)
+        if hit is None:
+            raise ValueError(f'no line of {name} after line {begin[-1]} contains "{s}"')
+        begin.append(hit)
+    ends = [b - 1 for b in begin[1:]] + [len(lines)]
+    out = []
+    for note, a, b in zip(notes, begin, ends):
+        i = len(state["blocks"])
+        state["blocks"].append((a, b))
+        head = re.match(r"\s*((?:^#{1,6} .*\n\s*)*)", note, re.MULTILINE)
+        heading, note = head[1].strip(), note[head.end():]
+        out.append(f"{heading}\n\n" if heading else "")
+        out.append(f'<div class="ann-row" markdown>\n<div class="ann-note" markdown>\n\n{note.strip()}\n\n</div>\n'
+                   f'<div class="ann-code" data-block="{i}"></div>\n</div>\n\n')
+    return "".join(out)
 
 
 def _source(name):
@@ -122,8 +373,13 @@ def _def(node):
 
 
 def _doc(node):
+    """A docstring as markdown: a list that starts right under a line of text gets the blank line
+    markdown needs (otherwise it renders as one paragraph with literal dashes)."""
     doc = ast.get_docstring(node)
-    return doc + "\n\n" if doc else ""
+    if not doc:
+        return ""
+    doc = re.sub(r"^([^\s-][^\n]*)\n(- )", r"\1\n\n\2", doc, flags=re.MULTILINE)
+    return doc + "\n\n"
 
 
 def _module(path):
