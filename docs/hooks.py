@@ -16,7 +16,8 @@ and a method page walks its whole file, block by block, each block beside its co
     <!-- code -->                        the first block: from the line after the module docstring
     commentary of the next block
     <!-- code "def D(" -->               the next block starts at the first line after the previous
-    ...                                  block's start that contains this text
+    ...                                  block's start that contains this text (or at the decorators
+                                         right above that line)
     <!-- end annotate -->                the last block runs to the end of the file
 
 The blocks tile the file: every line after the docstring is shown once, in order, with its own line
@@ -277,6 +278,8 @@ def annotate(page, state, name, changed_from, body):
         hit = next((n for n in range(begin[-1] + 1, len(lines) + 1) if s in lines[n - 1]), None)
         if hit is None:
             raise ValueError(f'no line of {name} after line {begin[-1]} contains "{s}"')
+        while hit - 1 > begin[-1] and lines[hit - 2].lstrip().startswith("@"):
+            hit -= 1  # a function's decorators start its block
         begin.append(hit)
     ends = [b - 1 for b in begin[1:]] + [len(lines)]
     out = []
