@@ -51,7 +51,7 @@ from pygments.token import STANDARD_TYPES, Comment, String
 
 log = get_plugin_logger("docs-hooks")
 ROOT = Path(__file__).resolve().parents[1]
-MARKER = re.compile(r"^([ \t]*)<!--\s*(diff|args|api|measured|readme)\b\s*([^>]*?)\s*-->[ \t]*$", re.MULTILINE)
+MARKER = re.compile(r"^([ \t]*)<!--\s*(diff|args|api|measured|readme|clone)\b\s*([^>]*?)\s*-->[ \t]*$", re.MULTILINE)
 API_ORDER = ["cli", "dist", "data", "resnet", "train", "optim", "evaluate", "linear", "knn", "report", "bench"]
 METHOD_FILES = ["mocov1.py", "mocov2.py", "simclr.py", "byol.py", "simsiam.py", "barlow.py", "vicreg.py", "unigrad.py"]
 SOURCE_DIR = "src"  # each method file is copied to the site as src/NAME.py, the target of the code's file links
@@ -74,12 +74,12 @@ def on_files(files, config, **kwargs):
     return files
 
 
-def on_page_markdown(markdown, page, **kwargs):
+def on_page_markdown(markdown, page, config, **kwargs):
     def replace(m):
         indent, kind, operands = m[1], m[2], m[3]
         try:
-            text = {"diff": diff, "args": args_table, "api": api, "measured": measured,
-                    "readme": readme}[kind](*operands.split())
+            text = {"diff": diff, "args": args_table, "api": api, "measured": measured, "readme": readme,
+                    "clone": lambda: clone(config.get("repo_url"))}[kind](*operands.split())
         except Exception as e:  # a warning: `mkdocs build --strict` fails, `mkdocs serve` keeps going
             log.warning(f"{page.file.src_uri}: cannot expand <!-- {kind} {operands} -->: {type(e).__name__}: {e}")
             text = f"!!! failure \"{kind} {operands}: {type(e).__name__}\"\n    {e}\n"
@@ -136,9 +136,13 @@ def on_page_content(content, page, config, **kwargs):
         content = re.sub(r'<div class="ann-code" data-block="(\d+)"></div>',
                          lambda b: _listing(state["file"], lines, *blocks[int(b[1])], changed, files_url, repo),
                          content)
+    # in tables, a path in inline code may break after a "/" (never inside a name)
+    content = re.sub(r"<table>.*?</table>", lambda t: re.sub(
+        r"<code>([^<]*)</code>", lambda c: "<code>" + c[1].replace("/", "/<wbr>") + "</code>", t[0]),
+        content, flags=re.DOTALL)
     # inline maths and the punctuation after it on one line
-    content = re.sub(r'(<span class="arithmatex">.*?</span>)([.,;:!?)\]]+)', r'<span class="nowrap">\1\2</span>',
-                     content)
+    content = re.sub(r'(<span class="arithmatex">(?:(?!</span>).)*</span>)([.,;:!?)\]]+)',
+                     r'<span class="nowrap">\1\2</span>', content, flags=re.DOTALL)
     return content
 
 
@@ -435,6 +439,17 @@ def measured(method=None):
     if method:
         rows = [r for r in rows if re.sub(r"\W", "", r.split("|")[1]).lower().startswith(method.lower())]
     return "\n".join(header + rows) + "\n" if rows else "Not yet measured.\n"
+
+
+# --- <!-- clone --> -----------------------------------------------------------------------------
+
+def clone(repo_url):
+    """The clone step, from mkdocs.yml's `repo_url` (the project's repository)."""
+    if repo_url:
+        name = repo_url.rstrip("/").rsplit("/", 1)[-1].removesuffix(".git")
+        return f"```bash\ngit clone {repo_url}\ncd {name}\n```\n"
+    return ("```bash\ngit clone REPOSITORY ssl-reference   # REPOSITORY: the address you have the project from\n"
+            "cd ssl-reference\n```\n")
 
 
 # --- <!-- readme TITLE --> -----------------------------------------------------------------------

@@ -1,7 +1,11 @@
-"""The documentation site: `mkdocs build --strict`, snippet sections paired and shown, one page per
-method in the nav, content generated from the real files, nothing loaded from outside, and the
-equations and code rendered in headless Chromium."""
+"""The documentation site: `mkdocs build --strict`; every method page shows its whole file, line by line,
+beside the equations it implements, each equation tied to its lines and each reference in the code to
+its target; content generated from the real files, nothing loaded from outside; and, in one headless
+Chromium session, every page at 390, 1024, 1280 and 1440 px: maths rendered, nothing wider than its box,
+no list rendered as a paragraph, no identifier broken in a table, no punctuation stranded after inline
+maths, each method's diagram shown; and the site opened from disk (file://) navigates and searches."""
 import functools
+import html
 import html.parser
 import http.server
 import importlib.util
@@ -17,13 +21,16 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.xdist_group("docs")  # one worker builds the site once and runs the browser once
+
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
 METHODS = ["mocov1", "mocov2", "simclr", "byol", "simsiam", "barlow", "vicreg", "unigrad"]
-METHOD_HEADINGS = ["## Objective", "## Walkthrough", "## Hyper-parameters", "## Deviations from the paper",
-                   "## Multi-GPU", "## Logged metrics", "## Results", "## Diff against"]
+METHOD_HEADINGS = ["## What changes from", "## Walkthrough", "## Hyper-parameters", "## Deviations from the paper",
+                   "## Multi-GPU", "## Logged metrics", "## Results", "## Sources"]
+SECTIONS = ["args", "augment", "model", "loss", "train-step"]  # in every method file, the same names
+WIDTHS = [390, 1024, 1280, 1440]
 MARKER = re.compile(r"#\s*--8<--\s*\[(start|end):([a-z][-_0-9a-z]*)\]")
-INCLUDE = re.compile(r'--8<--\s*"([^":]+):([a-z][-_0-9a-z]*)"')
 
 
 def existing_methods():
@@ -63,19 +70,21 @@ def site(tmp_path_factory):
     return out
 
 
+def built(site, name):
+    """The built HTML of docs/NAME.md (the offline plugin turns directory URLs off: NAME.html)."""
+    return site / f"{name}.html"
+
+
 def test_strict_build_writes_every_page(site):
     for name in pages():
-        html_path = site / ("index.html" if name == "index.md" else name.removesuffix(".md") + "/index.html")
-        assert html_path.is_file(), f"docs/{name} was not built"
+        assert built(site, name.removesuffix(".md")).is_file(), f"docs/{name} was not built"
 
 
-def test_snippet_sections_are_paired_unique_and_shown():
-    included = {(f, s) for text in pages().values() for f, s in INCLUDE.findall(text)}
-    for f, s in sorted(included):
-        assert (ROOT / f).is_file() and s in sections(ROOT / f), f"a page includes {f}:{s}, which does not exist"
-    for path in sorted(ROOT.glob("*.py")):
-        for name in sections(path):
-            assert (path.name, name) in included, f"section '{name}' of {path.name} is on no page of docs/"
+def test_snippet_sections_are_paired_and_the_same_in_every_method_file():
+    """The markers `# --8<-- [start:x]` / `[end:x]` that the walk-throughs start blocks at."""
+    for method in existing_methods():
+        found = sections(ROOT / f"{method}.py")
+        assert set(SECTIONS) <= set(found), f"{method}.py lacks the sections {set(SECTIONS) - set(found)}"
 
 
 def test_every_method_file_has_a_page_in_the_nav():
@@ -94,8 +103,8 @@ def test_every_method_file_has_a_page_in_the_nav():
 
 @pytest.mark.parametrize("method", existing_methods())
 def test_method_page_follows_the_template(method):
-    """The headings of docs/simsiam.md in order, every section of the file shown on its own page,
-    and the paper's equations numbered."""
+    """The headings in order, the walk-through of the page's own file, its diagram, the paper's equation
+    numbers, a Deviations section that is a list, and no diff but MoCo v1 -> v2."""
     page = DOCS / f"{method}.md"
     assert page.is_file(), f"docs/{method}.md is missing"
     text = page.read_text(encoding="utf-8")
@@ -103,9 +112,100 @@ def test_method_page_follows_the_template(method):
     missing = [h for h, p in zip(METHOD_HEADINGS, positions) if p < 0]
     assert not missing, f"docs/{method}.md lacks the headings {missing}"
     assert positions == sorted(positions), f"docs/{method}.md: headings not in the order {METHOD_HEADINGS}"
-    shown = {s for f, s in INCLUDE.findall(text) if f == f"{method}.py"}
-    assert set(sections(ROOT / f"{method}.py")) <= shown, f"docs/{method}.md does not show every section"
+    assert re.search(rf"^<!--\s*annotate\s+{method}\.py\b", text, re.MULTILINE), f"docs/{method}.md: no walk-through"
+    assert f"](assets/diagrams/{method}.svg)" in text, f"docs/{method}.md does not show its diagram"
+    assert (DOCS / "assets" / "diagrams" / f"{method}.svg").is_file(), f"docs/assets/diagrams/{method}.svg is missing"
     assert "\\tag{" in text, f"docs/{method}.md numbers no equation with the paper's number (\\tag{{...}})"
+    deviations = text[positions[3]:positions[4]]
+    assert re.search(r"\n\n- ", deviations), f"docs/{method}.md: its Deviations section is not a list"
+    assert ("<!-- diff mocov1.py mocov2.py -->" in text) == (method == "mocov2"), \
+        f"docs/{method}.md: the only diff is MoCo v1 -> v2, on the MoCo v2 page"
+
+
+class _Code(html.parser.HTMLParser):
+    """The walk-through's code blocks of a built page: [(data-start, data-end, text, [line ids])], and the
+    references to a paper in that text that are not links ([(block start, reference)])."""
+
+    REF = re.compile(r"Eqs?\. \d+|§ ?\d+(?:\.\d+)*|Alg\. \d+|App\. [A-Z]\b|Table \d+|Fig\. \d+")
+
+    def __init__(self):
+        super().__init__()
+        self.blocks, self.unlinked, self.links = [], [], []
+        self._depth = 0  # depth inside the current div.ann-code, 0 outside
+        self._in_code = self._in_ref = False
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        classes = (a.get("class") or "").split()
+        if tag == "div" and "ann-code" in classes and "data-start" in a:
+            self.blocks.append([int(a["data-start"]), int(a["data-end"]), [], []])
+            self._depth = 1
+            return
+        if self._depth and tag == "div":
+            self._depth += 1
+        if self._depth and tag == "code":
+            self._in_code = True
+        if self._in_code and tag == "span" and a.get("id", "").startswith("L"):
+            self.blocks[-1][3].append(int(a["id"][1:]))
+        if self._in_code and tag == "a" and "ann-ref" in classes:
+            self._in_ref = True
+            self.links.append(a.get("href", ""))
+
+    def handle_endtag(self, tag):
+        if self._depth and tag == "div":
+            self._depth -= 1
+        if tag == "code":
+            self._in_code = False
+        if tag == "a":
+            self._in_ref = False
+
+    def handle_data(self, data):
+        if self._in_code:
+            self.blocks[-1][2].append(("ref" if self._in_ref else "text", data))
+
+
+def code_shown(site, method):
+    parser = _Code()
+    parser.feed(built(site, method).read_text(encoding="utf-8"))
+    return parser
+
+
+@pytest.mark.parametrize("method", existing_methods())
+def test_each_method_page_shows_its_whole_file_line_by_line(method, site):
+    """The code shown on the built page, concatenated, is the file after its module docstring: every line
+    exactly once, in order, each with its own line number."""
+    import ast
+    text = (ROOT / f"{method}.py").read_text(encoding="utf-8")
+    first = ast.parse(text).body[0].end_lineno + 1  # the line after the module docstring
+    lines = text.splitlines(keepends=True)
+    blocks = code_shown(site, method).blocks
+    assert blocks, f"{method}: no walk-through code on the page"
+    shown = "".join("".join(d for _, d in parts) for _, _, parts, _ in blocks)
+    assert shown == "".join(lines[first - 1:]), f"{method}: the code on the page is not the file from line {first} on"
+    numbers = [n for *_, ids in blocks for n in ids]
+    assert numbers == list(range(first, len(lines) + 1)), f"{method}: line numbers missing, repeated or out of order"
+    assert [(a, b) for a, b, *_ in blocks] == [(ids[0], ids[-1]) for *_, ids in blocks]
+
+
+@pytest.mark.parametrize("method", existing_methods())
+def test_equations_and_lines_point_at_each_other(method, site):
+    """Every displayed equation of a method page has an anchor and links to the lines that implement it;
+    every `Eq. N`, `§`, `Alg.`, `App.`, `Table`, `Fig.` in the code shown is a link to a target on the page."""
+    page = built(site, method).read_text(encoding="utf-8")
+    ids = set(re.findall(r'\bid="([^"]+)"', page))
+    displays = re.findall(r'(<div class="eq" id="[^"]+">)?<div class="arithmatex">\\\[', page)
+    assert displays and all(displays), f"{method}: a displayed equation without its anchor"
+    for eq, lines in re.findall(r'<div class="eq" id="([^"]+)">.*?<p class="eq-lines">(.*?)</p>', page, re.DOTALL):
+        targets = re.findall(r'href="#(L\d+)"', lines)
+        assert targets and set(targets) <= ids, f"{method}: #{eq} lists no line, or a line not on the page"
+    parser = code_shown(site, method)
+    for start, _, parts, _ in parser.blocks:
+        for kind, data in parts:
+            for ref in parser.REF.findall(data) if kind == "text" else []:
+                raise AssertionError(f"{method}: '{ref}' in the block at line {start} links nowhere")
+    assert parser.links, f"{method}: the code cites nothing from the paper"
+    missing = [h for h in parser.links if not h.startswith("#") or h[1:] not in ids]
+    assert not missing, f"{method}: references in the code link to {missing}, which are not on the page"
 
 
 def test_test_names_cited_in_the_docs_exist():
@@ -131,9 +231,9 @@ def test_hooks_generate_from_the_real_files(site):
     assert table[0].startswith("| flag | CIFAR-10 default | `--dataset imagenet` |")
     assert any(row.startswith("| `--tau` | ") for row in table)
     assert any(row.startswith("| `--arch` | `\"resnet18\"` | **`\"resnet50\"`** |") for row in table)
-    api = (site / "api" / "index.html").read_text()
+    api = built(site, "api").read_text()
     assert 'id="common.dist.gather_with_grad"' in api and "gradients summed over" in api
-    mocov2 = (site / "mocov2" / "index.html").read_text()
+    mocov2 = built(site, "mocov2").read_text()
     assert '<span class="gd">--- mocov1.py</span>' in mocov2 and '<span class="gi">+++ mocov2.py</span>' in mocov2
 
 
@@ -144,7 +244,7 @@ def test_a_marker_naming_a_missing_file_is_a_warning(caplog):
             src_uri = "x.md"
     hooks = load_hooks()
     with caplog.at_level(logging.WARNING):
-        out = hooks.on_page_markdown("text\n<!-- diff mocov1.py nothere.py -->\n", Page())
+        out = hooks.on_page_markdown("text\n<!-- diff mocov1.py nothere.py -->\n", Page(), config={})
     assert "nothere.py does not exist" in caplog.text and "failure" in out
 
 
@@ -219,11 +319,115 @@ def server(site):
 def browse(url, tmp_path, *flags):
     """Headless Chromium on `url` that can reach 127.0.0.1 only; returns the finished process."""
     command = [chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-               "--no-first-run", f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=15000",
-               "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1", *flags, url]
-    p = subprocess.run(command, capture_output=True, text=True, timeout=180)
+               "--no-first-run", "--hide-scrollbars", f"--user-data-dir={tmp_path / 'profile'}",
+               "--virtual-time-budget=60000", "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1", *flags, url]
+    p = subprocess.run(command, capture_output=True, text=True, timeout=240)
     assert p.returncode == 0, f"{command} exited {p.returncode}:\n{p.stderr[-3000:]}"
     return p
+
+
+# Every page in an iframe of each width, one page at a time; what is measured comes back as JSON in #report.
+MEASURE = """<!doctype html><html><body style="margin:0"><pre id="report">pending</pre><script>
+const pages = PAGES, widths = WIDTHS, found = {};
+const wait = ms => new Promise(r => setTimeout(r, ms));
+function measure(w, width) {
+  const d = w.document, content = d.querySelector(".md-content"), out = {};
+  const wide = (el, box) => el.scrollWidth - (box || el).clientWidth;
+  out.page = d.documentElement.scrollWidth - d.documentElement.clientWidth;
+  out.code = [...content.querySelectorAll("pre > code")].map(c => wide(c)).filter(x => x > 1);
+  out.tables = [...content.querySelectorAll("table")].map(t => Math.max(wide(t),
+    wide(t, t.closest(".md-typeset__scrollwrap") || t.parentElement))).filter(x => x > 1);
+  out.displays = [...content.querySelectorAll(".katex-display")].map(e => wide(e)).filter(x => x > 1);
+  out.scrolling_displays = [...content.querySelectorAll(".katex-display")].filter(e =>
+    e.scrollWidth > e.clientWidth + 1 && !["auto", "scroll"].includes(w.getComputedStyle(e).overflowX)).length;
+  out.tag_overlaps = [...content.querySelectorAll(".katex-display .katex-tag")].filter(tag => {
+    const t = tag.getBoundingClientRect();
+    return [...tag.parentElement.querySelectorAll(":scope > .katex-base")].some(b => {
+      const r = b.getBoundingClientRect();
+      return r.right > t.left + 1 && r.left < t.right - 1 && r.bottom > t.top && r.top < t.bottom;
+    });
+  }).length;
+  out.list_paragraphs = [...content.querySelectorAll("p")].filter(p =>
+    /(^|\\n)\\s*[-*+] \\S/.test(p.textContent)).map(p => p.textContent.slice(0, 80));
+  out.broken = [];
+  for (const code of content.querySelectorAll("td code, th code")) {
+    const text = code.textContent, tops = [];
+    if (code.getClientRects().length < 2) continue;
+    const range = d.createRange(), node = code.firstChild;
+    if (!node || node.nodeType !== 3) continue;
+    for (let i = 0; i < text.length; i++) {
+      range.setStart(node, i); range.setEnd(node, i + 1);
+      const r = range.getClientRects()[0];
+      tops.push(r ? r.top : null);
+    }
+    for (let i = 1; i < text.length; i++)
+      if (tops[i] !== null && tops[i - 1] !== null && tops[i] > tops[i - 1] + 2 &&
+          /[\\w.]/.test(text[i - 1]) && /[\\w.]/.test(text[i]))
+        out.broken.push(text.slice(0, i) + "|" + text.slice(i));
+  }
+  out.stranded = [];
+  for (const m of content.querySelectorAll("span.arithmatex")) {
+    const next = m.nextSibling;
+    if (!next || next.nodeType !== 3 || !/^[.,;:!?)]/.test(next.textContent)) continue;
+    const range = d.createRange();
+    range.setStart(next, 0); range.setEnd(next, 1);
+    const p = range.getBoundingClientRect(), rects = m.getClientRects(), last = rects[rects.length - 1];
+    if (last && p.top > last.bottom - 2) out.stranded.push(m.textContent.slice(0, 40) + next.textContent[0]);
+  }
+  out.math = content.querySelectorAll(".arithmatex").length;
+  out.katex = content.querySelectorAll(".katex").length;
+  out.katex_errors = content.querySelectorAll(".katex-error").length;
+  out.tags = content.querySelectorAll(".katex .katex-tag").length;
+  const visible = content.cloneNode(true);
+  visible.querySelectorAll(".katex-mathml, pre, code, script").forEach(e => e.remove());
+  out.raw_tex = ["$$", "\\\\(", "\\\\[", "\\\\frac", "\\\\tag", "\\\\mathcal", "\\\\operatorname"].filter(t =>
+    visible.textContent.includes(t));
+  const box = content.getBoundingClientRect();
+  out.diagrams = [...content.querySelectorAll("figure.diagram img")].map(img => {
+    const r = img.getBoundingClientRect();
+    return {loaded: img.complete && img.naturalWidth > 0, width: r.width, height: r.height,
+            inside: r.left >= box.left - 1 && r.right <= box.right + 1};
+  });
+  out.code_blocks = content.querySelectorAll(".ann-code").length;
+  return out;
+}
+async function one(page) {
+  const frames = widths.map(width => {
+    const f = document.createElement("iframe");
+    f.width = width; f.height = 700; f.style.border = "0"; f.src = page;
+    document.body.appendChild(f);
+    return new Promise(resolve => f.onload = () => resolve(f));
+  });
+  const loaded = await Promise.all(frames);
+  for (let i = 0; i < 50; i++) {  // until KaTeX has rendered every formula
+    const d = loaded[0].contentDocument;
+    if (d.querySelectorAll(".arithmatex").length <= d.querySelectorAll(".katex").length) break;
+    await wait(100);
+  }
+  await wait(200);
+  found[page] = {};
+  loaded.forEach((f, i) => { found[page][widths[i]] = measure(f.contentWindow, widths[i]); f.remove(); });
+}
+async function run() {
+  for (let i = 0; i < pages.length; i += 3) await Promise.all(pages.slice(i, i + 3).map(one));
+  document.getElementById("report").textContent = JSON.stringify(found);
+}
+run().catch(e => document.getElementById("report").textContent = "error: " + e);
+</script></body></html>"""
+
+
+@pytest.fixture(scope="module")
+def measured(site, server, tmp_path_factory):
+    """Every page of the site at every width, measured in one Chromium session."""
+    names = sorted(n.removesuffix(".md") + ".html" for n in pages())
+    (site / "measure.html").write_text(MEASURE.replace("PAGES", json.dumps(names)).replace("WIDTHS", json.dumps(WIDTHS)))
+    dom = browse(f"{server}/measure.html", tmp_path_factory.mktemp("chromium"), "--window-size=1500,900",
+                 "--dump-dom").stdout
+    report = html.unescape(re.search(r'<pre id="report">(.*?)</pre>', dom, re.DOTALL)[1])
+    assert report != "pending" and not report.startswith("error"), f"the pages were not measured: {report[:300]}"
+    found = json.loads(report)
+    assert sorted(found) == names
+    return found
 
 
 def has_maths(markdown):
@@ -234,64 +438,70 @@ def has_maths(markdown):
 MATH_PAGES = [name.removesuffix(".md") for name, text in sorted(pages().items()) if has_maths(text)]
 
 
-@pytest.mark.parametrize("page", MATH_PAGES)
-def test_chromium_renders_the_equations_and_the_code(page, site, server, tmp_path):
-    source = (DOCS / f"{page}.md").read_text(encoding="utf-8")
-    dom = browse(f"{server}/{'' if page == 'index' else page + '/'}", tmp_path, "--dump-dom").stdout
-    parser = _Tags()
-    parser.feed(dom)
-    classes, text = parser.classes, "".join(parser.text)
-    assert classes.count("arithmatex") > 0, f"{page}: no maths found in the page"
-    assert classes.count("katex") >= classes.count("arithmatex"), f"{page}: some maths was not rendered by KaTeX"
-    assert "katex-error" not in classes, f"{page}: KaTeX could not parse some TeX"
-    assert classes.count("katex-tag") >= source.count("\\tag{"), f"{page}: equation numbers missing"
-    raw = [t for t in ("$$", "\\(", "\\[", "\\frac", "\\tag", "\\mathcal", "\\operatorname", "\\lVert") if t in text]
-    assert not raw, f"{page}: raw TeX {raw} left in the visible text"
-    if (ROOT / f"{page}.py").is_file():  # a method page shows its loss function, from the file
-        lines = (ROOT / f"{page}.py").read_text(encoding="utf-8").splitlines()
-        start, end = sections(ROOT / f"{page}.py")["loss"]
-        loss = re.search(r"^def (\w+)\(", "\n".join(lines[start:end - 1]), re.MULTILINE)
-        assert loss, f"{page}.py: no function in its loss section"
-        assert f"def {loss[1]}(" in "".join(parser.code), f"{page}: the code of {loss[1]} is not on the page"
+def failures(measured, check):
+    """[(page, width, what)] where `check(width, numbers)` returns something."""
+    return [(page, width, what) for page, by_width in sorted(measured.items())
+            for width, numbers in by_width.items() if (what := check(int(width), numbers))]
 
 
-def test_chromium_screenshot_of_a_method_page(site, server, tmp_path):
-    shot = tmp_path / "simsiam.png"
-    browse(f"{server}/simsiam/", tmp_path, f"--screenshot={shot}", "--window-size=1280,2400")
-    assert shot.is_file() and shot.stat().st_size > 50_000, "no screenshot (or a blank one)"
+def test_chromium_renders_the_maths(measured):
+    bad = failures(measured, lambda w, m: w == 1440 and (
+        m["katex"] < m["math"] and "unrendered" or m["katex_errors"] and "KaTeX errors" or m["raw_tex"]))
+    assert not bad, f"maths not rendered (page, width, what): {bad}"
+    for page in MATH_PAGES:
+        numbers = measured[f"{page}.html"]["1440"]
+        source = (DOCS / f"{page}.md").read_text(encoding="utf-8")
+        assert numbers["math"] > 0 and numbers["tags"] >= source.count("\\tag{"), f"{page}: maths or numbers missing"
 
 
-OVERFLOW_CHECK = """<!doctype html><html><body><pre id="overflow">pending</pre><script>
-// Each method page in a 1440-px-wide frame: the scroll and client widths of its code blocks and tables.
-const pages = PAGES, found = {};
-let left = pages.length;
-for (const page of pages) {
-  const frame = document.createElement("iframe");
-  frame.width = 1440; frame.height = 900; frame.src = page + "/";
-  frame.onload = () => setTimeout(() => {
-    const d = frame.contentDocument;
-    const measure = (el, box) => [el.scrollWidth, box.clientWidth];
-    found[page] = {
-      code: [...d.querySelectorAll(".md-content pre > code")].map(c => measure(c, c)),
-      tables: [...d.querySelectorAll(".md-content table")].map(t => measure(t, t.closest(".md-typeset__scrollwrap") || t.parentElement)),
-    };
-    if (--left === 0) document.getElementById("overflow").textContent = JSON.stringify(found);
-  }, 500);
-  document.body.appendChild(frame);
-}
-</script></body></html>"""
+def test_nothing_scrolls_the_page_sideways_at_any_width(measured):
+    """The page never; at 1024 px and wider no code block, table or displayed equation is wider than its box."""
+    bad = failures(measured, lambda w, m: (m["page"] > 1 and f"page {m['page']} px too wide") or (w >= 1024 and {
+        k: m[k] for k in ("code", "tables", "displays") if m[k]}))
+    assert not bad, f"(page, width, what is wider than its box and by how many px): {bad}"
 
 
-def test_method_pages_fit_a_1440_px_window_without_sideways_scrolling(site, server, tmp_path):
-    """No code block (lines of up to 120 characters) or table of a method page is wider than its box."""
-    methods = existing_methods()
-    (site / "overflow-check.html").write_text(OVERFLOW_CHECK.replace("PAGES", json.dumps(methods)))
-    dom = browse(f"{server}/overflow-check.html", tmp_path, "--dump-dom").stdout
-    report = re.search(r'<pre id="overflow">(.*?)</pre>', dom, re.DOTALL)[1]
-    assert report != "pending", "the method pages did not load in time"
-    found = json.loads(html.unescape(report))
-    assert sorted(found) == sorted(methods)
-    for page, boxes in found.items():
-        assert len(boxes["code"]) >= 4, f"{page}: its code blocks were not found"
-        wide = {kind: [(i, s, c) for i, (s, c) in enumerate(sizes) if s > c] for kind, sizes in boxes.items()}
-        assert not any(wide.values()), f"{page} at 1440 px: (index, content width, box width) too wide: {wide}"
+def test_displayed_equations_scroll_in_their_own_box_and_their_number_never_covers_them(measured):
+    bad = failures(measured, lambda w, m: (m["tag_overlaps"] and f"{m['tag_overlaps']} numbers over their formula")
+                   or (m["scrolling_displays"] and f"{m['scrolling_displays']} wide displays that cannot scroll"))
+    assert not bad, f"(page, width, what): {bad}"
+
+
+def test_no_list_rendered_as_a_paragraph(measured):
+    bad = failures(measured, lambda w, m: w == 1440 and m["list_paragraphs"])
+    assert not bad, f"paragraphs with literal list items (a missing blank line in the markdown): {bad}"
+
+
+def test_no_identifier_broken_in_a_table_and_no_punctuation_stranded_after_maths(measured):
+    bad = failures(measured, lambda w, m: m["broken"] and f"broken: {m['broken'][:3]}")
+    bad += failures(measured, lambda w, m: w >= 1024 and m["stranded"] and f"stranded: {m['stranded'][:3]}")
+    assert not bad, f"(page, width, what): {bad}"
+
+
+def test_each_method_page_shows_its_diagram_and_its_code_beside_the_commentary(measured):
+    for method in existing_methods():
+        for width, numbers in measured[f"{method}.html"].items():
+            assert numbers["code_blocks"] >= 5, f"{method} at {width} px: the walk-through is missing"
+            diagrams = numbers["diagrams"]
+            assert len(diagrams) == 1, f"{method} at {width} px: {len(diagrams)} diagrams"
+            d = diagrams[0]
+            assert d["loaded"] and d["width"] > 100 and d["height"] > 50 and d["inside"], f"{method} at {width}: {d}"
+
+
+def test_the_site_opened_from_disk_navigates_and_searches(site, tmp_path):
+    """file://: every link of the navigation is a page on disk (no directory listing), the maths renders,
+    and the search finds a word."""
+    index = site / "index.html"
+    dom = browse(f"{index.as_uri()}?q=momentum", tmp_path, "--window-size=1440,900", "--dump-dom").stdout
+    links = set(re.findall(r'class="md-nav__link[^"]*"[^>]*href="([^"#]+)"|href="([^"#]+)"[^>]*class="md-nav__link',
+                           dom))
+    targets = {a or b for a, b in links}
+    assert len(targets) >= len(existing_methods()), f"no navigation found in {index}"
+    for href in targets:
+        target = (index.parent / html.unescape(href)).resolve()
+        assert target.is_file(), f"the navigation links {href}, which is not a page on disk"
+    results = re.findall(r'class="md-search-result__item"', dom)
+    meta = re.search(r'class="md-search-result__meta"[^>]*>(.*?)<', dom, re.DOTALL)
+    assert results, f"search from disk found nothing for 'momentum' ({meta[1].strip() if meta else 'no search'})"
+    page = browse((site / "simsiam.html").as_uri(), tmp_path, "--dump-dom").stdout
+    assert 'class="katex' in page and 'class="ann-code"' in page, "simsiam.html from disk: maths or code missing"
