@@ -141,8 +141,8 @@ def on_page_content(content, page, config, **kwargs):
         r"<code>([^<]*)</code>", lambda c: "<code>" + c[1].replace("/", "/<wbr>") + "</code>", t[0]),
         content, flags=re.DOTALL)
     # inline maths and the punctuation after it on one line
-    content = re.sub(r'(<span class="arithmatex">(?:(?!</span>).)*</span>)([.,;:!?)\]]+)',
-                     r'<span class="nowrap">\1\2</span>', content, flags=re.DOTALL)
+    content = re.sub(r'(<span class="arithmatex">(?:(?!</span>).){0,120}</span>)([.,;:!?)\]]+)',
+                     r'<span class="nowrap">\1\2</span>', content, flags=re.DOTALL)  # a long formula may wrap
     return content
 
 

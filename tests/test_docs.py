@@ -309,7 +309,8 @@ def chromium():
 def server(site):
     handler = functools.partial(type("Quiet", (http.server.SimpleHTTPRequestHandler,),
                                      {"log_message": lambda *a: None}), directory=str(site))
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server_class = type("Server", (http.server.ThreadingHTTPServer,), {"request_queue_size": 256})  # many frames
+    httpd = server_class(("127.0.0.1", 0), handler)
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
     yield f"http://127.0.0.1:{httpd.server_address[1]}"
     httpd.shutdown()
@@ -351,19 +352,18 @@ function measure(w, width) {
     /(^|\\n)\\s*[-*+] \\S/.test(p.textContent)).map(p => p.textContent.slice(0, 80));
   out.broken = [];
   for (const code of content.querySelectorAll("td code, th code")) {
-    const text = code.textContent, tops = [];
-    if (code.getClientRects().length < 2) continue;
-    const range = d.createRange(), node = code.firstChild;
-    if (!node || node.nodeType !== 3) continue;
-    for (let i = 0; i < text.length; i++) {
-      range.setStart(node, i); range.setEnd(node, i + 1);
-      const r = range.getClientRects()[0];
-      tops.push(r ? r.top : null);
-    }
-    for (let i = 1; i < text.length; i++)
-      if (tops[i] !== null && tops[i - 1] !== null && tops[i] > tops[i - 1] + 2 &&
-          /[\\w.]/.test(text[i - 1]) && /[\\w.]/.test(text[i]))
-        out.broken.push(text.slice(0, i) + "|" + text.slice(i));
+    if (code.getClientRects().length < 2) continue;  // on one line
+    const chars = [], range = d.createRange(), walk = d.createTreeWalker(code, 4);  // 4: text nodes
+    for (let node = walk.nextNode(); node; node = walk.nextNode())
+      for (let i = 0; i < node.length; i++) {
+        range.setStart(node, i); range.setEnd(node, i + 1);
+        const r = range.getClientRects()[0];
+        chars.push([node.data[i], r ? r.top : null]);
+      }
+    for (let i = 1; i < chars.length; i++)
+      if (chars[i][1] !== null && chars[i - 1][1] !== null && chars[i][1] > chars[i - 1][1] + 2 &&
+          /[\\w.]/.test(chars[i - 1][0]) && /[\\w.]/.test(chars[i][0]))
+        out.broken.push(chars.map(c => c[0]).join("").slice(0, i) + "|" + chars.map(c => c[0]).join("").slice(i));
   }
   out.stranded = [];
   for (const m of content.querySelectorAll("span.arithmatex")) {
@@ -385,7 +385,7 @@ function measure(w, width) {
   const box = content.getBoundingClientRect();
   out.diagrams = [...content.querySelectorAll("figure.diagram img")].map(img => {
     const r = img.getBoundingClientRect();
-    return {loaded: img.complete && img.naturalWidth > 0, width: r.width, height: r.height,
+    return {loaded: img.complete && (img.naturalWidth > 0 || img.dataset.decoded > 0), width: r.width, height: r.height,
             inside: r.left >= box.left - 1 && r.right <= box.right + 1};
   });
   out.code_blocks = content.querySelectorAll(".ann-code").length;
@@ -394,7 +394,8 @@ function measure(w, width) {
 async function one(page) {
   const frames = widths.map(width => {
     const f = document.createElement("iframe");
-    f.width = width; f.height = 700; f.style.border = "0"; f.src = page;
+    f.width = width; f.height = 700; f.src = page;
+    f.style.cssText = "border: 0; position: absolute; left: 0; top: 0";  // all in view: nothing deferred
     document.body.appendChild(f);
     return new Promise(resolve => f.onload = () => resolve(f));
   });
@@ -404,6 +405,13 @@ async function one(page) {
     if (d.querySelectorAll(".arithmatex").length <= d.querySelectorAll(".katex").length) break;
     await wait(100);
   }
+  for (const f of loaded)  // each image decoded, and its file decoded once more on its own: the size of an
+    await Promise.all([...f.contentDocument.images].map(async i => {  // SVG in a busy frame can read 0
+      await i.decode().catch(() => null);
+      const probe = new f.contentWindow.Image();
+      probe.src = i.currentSrc;
+      i.dataset.decoded = await probe.decode().then(() => probe.naturalWidth, () => 0);
+    }));
   await wait(200);
   found[page] = {};
   loaded.forEach((f, i) => { found[page][widths[i]] = measure(f.contentWindow, widths[i]); f.remove(); });
