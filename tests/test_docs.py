@@ -321,8 +321,8 @@ def browse(url, tmp_path, *flags):
     """Headless Chromium on `url` that can reach 127.0.0.1 only; returns the finished process."""
     command = [chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
                "--no-first-run", "--hide-scrollbars", f"--user-data-dir={tmp_path / 'profile'}",
-               "--virtual-time-budget=60000", "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1", *flags, url]
-    p = subprocess.run(command, capture_output=True, text=True, timeout=240)
+               "--virtual-time-budget=600000", "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1", *flags, url]
+    p = subprocess.run(command, capture_output=True, text=True, timeout=420)
     assert p.returncode == 0, f"{command} exited {p.returncode}:\n{p.stderr[-3000:]}"
     return p
 
