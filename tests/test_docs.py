@@ -208,6 +208,21 @@ def test_equations_and_lines_point_at_each_other(method, site):
     assert not missing, f"{method}: references in the code link to {missing}, which are not on the page"
 
 
+PROCESS = re.compile(r"paper PDF|text copy|was lent|not (?:yet )?checked|checked here|this session|/tmp/|\.\./shared/",
+                     re.IGNORECASE)
+
+
+def test_the_pages_speak_of_the_methods_and_the_project_only(site):
+    """No note of how a page was made, and no path of the machine it was made on, in any built page
+    (generated content included: README sections, the report)."""
+    for page in sorted(site.glob("*.html")):
+        parser = _Tags()
+        parser.feed(page.read_text(encoding="utf-8"))
+        text = "".join(parser.text) + "".join(parser.code)
+        found = sorted({m[0] for m in PROCESS.finditer(text)})
+        assert not found, f"{page.name}: {found}"
+
+
 def test_test_names_cited_in_the_docs_exist():
     for name, text in pages().items():
         for path, test in re.findall(r"(tests/\w+\.py)::(\w+)", text):
