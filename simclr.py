@@ -60,7 +60,7 @@ def augment(args):
         v2.RandomGrayscale(p=0.2),
         *blur,
         # differs from paper: inputs are normalised by the dataset's mean and std (the TF code feeds
-        # pixels in [0, 1]); the BN after the first convolution absorbs the difference.
+        # pixels in [0, 1]); the first convolution's weights can absorb the scale, the BN after it the shift.
         data.normalize(args.dataset),
     ])
 # --8<-- [end:augment]
