@@ -35,14 +35,12 @@ equation without a line: each logs a warning, which fails `mkdocs build --strict
 """
 import ast
 import difflib
+import html
 import io
+import posixpath
 import re
 import tokenize
 from pathlib import Path
-
-import html
-import json
-import posixpath
 
 from mkdocs.plugins import get_plugin_logger
 from mkdocs.structure.files import File
@@ -125,16 +123,15 @@ def on_page_content(content, page, config, **kwargs):
             equations[key] = _slug("eq", key)
             links = ", ".join(f'<a href="#L{n}">{n}</a>' for n in lines)
             return (f'<div class="eq" id="{_slug("eq", key)}">{d[1]}<p class="eq-lines">'
-                    f'{state["file"]}, line{"s" if len(lines) > 1 else ""} {links}</p></div>')
+                    f'implemented in {state["file"]}, line{"s" if len(lines) > 1 else ""} {links}</p></div>')
         content = re.sub(r'(<div class="arithmatex">(.*?)</div>)', anchor, content, flags=re.DOTALL)
         text = _source(state["file"])
-        blocks = {i: (a, b) for i, (a, b) in enumerate(state["blocks"])}
         changed = _changed_lines(text, _source(state["changed_from"])) if state.get("changed_from") else set()
         lines = _highlight(text, lambda ref: _link(ref, equations, cited, where))
         files_url = posixpath.relpath(f"{SOURCE_DIR}/{state['file']}", posixpath.dirname(page.url) or ".")
         repo = (config.get("repo_url") or "").rstrip("/")
         content = re.sub(r'<div class="ann-code" data-block="(\d+)"></div>',
-                         lambda b: _listing(state["file"], lines, *blocks[int(b[1])], changed, files_url, repo),
+                         lambda b: _listing(state["file"], lines, *state["blocks"][int(b[1])], changed, files_url, repo),
                          content)
     # in tables, a path in inline code may break after a "/" (never inside a name)
     content = re.sub(r"<table>.*?</table>", lambda t: re.sub(
