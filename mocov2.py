@@ -140,7 +140,7 @@ def momentum_update(encoder_q, encoder_k, m):
 
 @torch.no_grad()
 def dequeue_and_enqueue(queue, ptr, k):
-    """Enqueue the keys of all ranks (global order), dequeue the oldest: a FIFO of K keys; §3.1."""
+    """Enqueue the keys of all ranks (global order), dequeue the oldest: a FIFO of K keys; §3.2."""
     keys = dist.gather(k)  # (N, dim)
     slots = ptr + torch.arange(len(keys), device=ptr.device)  # K is a multiple of N: the block never wraps
     queue.index_copy_(1, slots, keys.T.to(queue.dtype))  # (the pointer stays on the device: no host sync)

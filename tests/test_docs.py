@@ -57,17 +57,33 @@ def sections(path):
     return found
 
 
+def once(tmp_path_factory, name, make):
+    """`make(path)` run once per test session, whichever pytest-xdist worker asks first (the others wait
+    and reuse its result: the workers of one session share the parent of their temporary folders)."""
+    import fcntl
+    shared = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        shared = shared.parent
+    path, done = shared / name, shared / f"{name}.done"
+    with open(shared / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not done.exists():
+            make(path)
+            done.touch()
+    return path
+
+
 @pytest.fixture(scope="session")
 def site(tmp_path_factory):
-    """The site built with `mkdocs build --strict` into a temporary directory."""
-    out = tmp_path_factory.mktemp("site")
-    env = dict(os.environ, NO_MKDOCS_2_WARNING="1")
-    p = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(out)],
-                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    if "No module named mkdocs" in p.stderr:
-        pytest.fail("mkdocs is not installed: `uv sync` (the test group includes the docs group)")
-    assert p.returncode == 0, f"mkdocs build --strict failed:\n{p.stdout}\n{p.stderr}"
-    return out
+    """The site built with `mkdocs build --strict` into a temporary directory, once per session."""
+    def build(out):
+        env = dict(os.environ, NO_MKDOCS_2_WARNING="1")
+        p = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(out)],
+                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        if "No module named mkdocs" in p.stderr:
+            pytest.fail("mkdocs is not installed: `uv sync` (the test group includes the docs group)")
+        assert p.returncode == 0, f"mkdocs build --strict failed:\n{p.stdout}\n{p.stderr}"
+    return once(tmp_path_factory, "site", build)
 
 
 def built(site, name):
@@ -441,14 +457,17 @@ run().catch(e => document.getElementById("report").textContent = "error: " + e);
 
 @pytest.fixture(scope="module")
 def measured(site, server, tmp_path_factory):
-    """Every page of the site at every width, measured in one Chromium session."""
+    """Every page of the site at every width, measured in one Chromium session (once per session)."""
     names = sorted(n.removesuffix(".md") + ".html" for n in pages())
-    (site / "measure.html").write_text(MEASURE.replace("PAGES", json.dumps(names)).replace("WIDTHS", json.dumps(WIDTHS)))
-    dom = browse(f"{server}/measure.html", tmp_path_factory.mktemp("chromium"), "--window-size=1500,900",
-                 "--dump-dom").stdout
-    report = html.unescape(re.search(r'<pre id="report">(.*?)</pre>', dom, re.DOTALL)[1])
-    assert report != "pending" and not report.startswith("error"), f"the pages were not measured: {report[:300]}"
-    found = json.loads(report)
+
+    def measure(path):
+        (site / "measure.html").write_text(MEASURE.replace("PAGES", json.dumps(names)).replace("WIDTHS", json.dumps(WIDTHS)))
+        dom = browse(f"{server}/measure.html", tmp_path_factory.mktemp("chromium"), "--window-size=1500,900",
+                     "--dump-dom").stdout
+        report = html.unescape(re.search(r'<pre id="report">(.*?)</pre>', dom, re.DOTALL)[1])
+        assert report != "pending" and not report.startswith("error"), f"the pages were not measured: {report[:300]}"
+        path.write_text(report)
+    found = json.loads(once(tmp_path_factory, "measured.json", measure).read_text())
     assert sorted(found) == names
     return found
 
