@@ -101,7 +101,8 @@ class Diagram:
                                (460, "gather", "across ranks"), (640, "op", "no weights")):
             self.box(x, y + 46, 36, 20, [], kind)
             self.text(x + 46, y + 62, label, 16, "start")
-        return y + 72
+        self.text(30, y + 90, "A box that both views pass through: the same weights for both (shared).", 16, "start")
+        return y + 96
 
     def svg(self):
         defs = "".join(f'<marker id="head-{s}" viewBox="0 0 10 10" refX="9" refY="5" markerWidth="{12 / w:.2f}" '
@@ -121,7 +122,7 @@ class Diagram:
 def moco(version):
     head = "fc → 128" if version == 1 else "fc, ReLU, fc → 128"
     name = f"mocov{version}"
-    d = Diagram(name, 640, f"MoCo v{version}: one training step of {name}.py",
+    d = Diagram(name, 664, f"MoCo v{version}: one training step of {name}.py",
                 f"The image x gives two views, x^q and x^k, by the same augmentation. The query encoder f_q "
                 f"(a ResNet and {head}, weights θ_q) and an L2 normalisation give q; the gradient flows into θ_q only. Before "
                 f"the keys are computed, the key encoder's weights are updated as a momentum copy, θ_k ← m θ_k + "
@@ -167,7 +168,7 @@ def moco(version):
 
 
 def simclr():
-    d = Diagram("simclr", 640, "SimCLR: one training step of simclr.py",
+    d = Diagram("simclr", 664, "SimCLR: one training step of simclr.py",
                 "The image x gives two views, x̃_i and x̃_j, by two augmentations drawn from the same family. "
                 "The two views of the batch are concatenated into one batch of 2n, so that every BatchNorm "
                 "normalises over all 2N views, and pass through one encoder f (a ResNet) and one projection head "
@@ -235,7 +236,7 @@ def four_lanes(d, lanes, names, aug):
 
 
 def simsiam():
-    d = Diagram("simsiam", 600, "SimSiam: one training step of simsiam.py",
+    d = Diagram("simsiam", 624, "SimSiam: one training step of simsiam.py",
                 "The image x gives two views, x_1 and x_2, by the same augmentation. Both pass through the one "
                 "encoder f (a ResNet and the projection MLP, whose last BN has no affine), each view its own BN "
                 "batch, giving z_1 and z_2, and through the one predictor h (a bottleneck MLP), giving p_1 and "
@@ -267,7 +268,7 @@ def simsiam():
 
 
 def byol():
-    d = Diagram("byol", 680, "BYOL: one training step of byol.py",
+    d = Diagram("byol", 704, "BYOL: one training step of byol.py",
                 "The image x gives two views, v = t(x) and v′ = t′(x), by two different augmentations (t ∼ 𝒯, "
                 "t′ ∼ 𝒯′). Each view goes through the online network θ (encoder f_θ, projector g_θ, predictor "
                 "q_θ), giving the predictions p_1 from v and p_2 from v′, and, without gradient, through the "
@@ -313,7 +314,7 @@ def byol():
 
 
 def barlow():
-    d = Diagram("barlow", 560, "Barlow Twins: one training step of barlow.py",
+    d = Diagram("barlow", 584, "Barlow Twins: one training step of barlow.py",
                 "The image x gives two views, Y^A and Y^B, by two augmentations (t_A, t_B ∼ 𝒯). Both pass through "
                 "the one network f_θ, a ResNet and a projector of three bias-free Linear layers (BN and ReLU on "
                 "the first two), each view its own BN batch, giving the embeddings Z^A and Z^B. These are gathered "
@@ -346,7 +347,7 @@ def barlow():
 
 
 def vicreg():
-    d = Diagram("vicreg", 620, "VICReg: one training step of vicreg.py",
+    d = Diagram("vicreg", 644, "VICReg: one training step of vicreg.py",
                 "The image x gives two views, X and X′, by two augmentations (t, t′ ∼ 𝒯). Both pass through the one "
                 "encoder f_θ (a ResNet), giving the representations Y and Y′, and the one expander h_φ (three "
                 "Linear layers, BN and ReLU on the first two), giving the embeddings Z and Z′, each view its own BN "
@@ -382,7 +383,7 @@ def vicreg():
 
 
 def unigrad():
-    d = Diagram("unigrad", 770, "UniGrad: one training step of unigrad.py",
+    d = Diagram("unigrad", 794, "UniGrad: one training step of unigrad.py",
                 "The image x gives two views, x_1 and x_2, by the same augmentation. Each view goes through the "
                 "online network θ (a ResNet and a three-layer projector, no predictor) and an L2 normalisation, "
                 "giving u_1^o and u_2^o, and, without gradient, through the momentum network θ_m, first updated as "
