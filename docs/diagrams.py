@@ -174,8 +174,8 @@ def simclr():
                 "normalises over all 2N views, and pass through one encoder f (a ResNet) and one projection head "
                 "g (Linear, BN, ReLU, Linear, BN without β), giving z. Each rank's 2n embeddings are the anchors; "
                 "the embeddings of all ranks are gathered with gradient as the 2N candidates. NT-Xent compares, "
-                "by cosine similarity over τ, each anchor with its partner view against all the other 2N − 2 "
-                "views; the code trains on twice the paper's L, the official scale. The gradient flows "
+                "by cosine similarity over τ, each anchor with its partner view against the other 2N − 1 views "
+                "(2N − 2 negatives); the code trains on twice the paper's L, the official scale. The gradient flows "
                 "through both views and through the gathered candidates.")
     i, j, mid = 100, 250, 175
     d.box(15, mid - 30, 60, 60, ["x"], "data", 20)
@@ -315,7 +315,8 @@ def byol():
 
 def barlow():
     d = Diagram("barlow", 584, "Barlow Twins: one training step of barlow.py",
-                "The image x gives two views, Y^A and Y^B, by two augmentations (t_A, t_B ∼ 𝒯). Both pass through "
+                "The image x gives two views, Y^A and Y^B, by two augmentations (t_A, t_B ∼ 𝒯, BYOL's, which differ "
+                "only in their blur and solarization probabilities). Both pass through "
                 "the one network f_θ, a ResNet and a projector of three bias-free Linear layers (BN and ReLU on "
                 "the first two), each view its own BN batch, giving the embeddings Z^A and Z^B. These are gathered "
                 "from all ranks with gradient, each dimension is standardised over the global batch N (BN without "
@@ -348,7 +349,8 @@ def barlow():
 
 def vicreg():
     d = Diagram("vicreg", 644, "VICReg: one training step of vicreg.py",
-                "The image x gives two views, X and X′, by two augmentations (t, t′ ∼ 𝒯). Both pass through the one "
+                "The image x gives two views, X and X′, by two augmentations (t, t′ ∼ 𝒯, BYOL's, whose blur and "
+                "solarization probabilities may differ between the views). Both pass through the one "
                 "encoder f_θ (a ResNet), giving the representations Y and Y′, and the one expander h_φ (three "
                 "Linear layers, BN and ReLU on the first two), giving the embeddings Z and Z′, each view its own BN "
                 "batch. Z and Z′ are gathered from all ranks with gradient and the loss, in the official code's "
