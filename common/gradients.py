@@ -14,12 +14,13 @@ unit vector u returns (I − uuᵀ)·∂L/∂u, the component tangent to the sph
 
 The probe, `python -m common.gradients [--backbone DIR/backbone.pt]`, embeds one batch of two views
 with a backbone (random-init by default), evaluates every form on the same embeddings, each fed as in
-training (raw z to Barlow Twins and VICReg, z/‖z‖ to the others), and prints and saves (JSON and a
-PNG) the norms of the positive and negative parts and the cosine between the gradients that the
+training (raw z to Barlow Twins and VICReg, z/‖z‖ to the others), and prints and saves (JSON and an
+SVG figure) the norms of the positive and negative parts and the cosine between the gradients that the
 methods' losses send to the same raw embedding z₁: for a loss of u = z/‖z‖, its part tangent to the
 sphere at u₁ divided by ‖z₁‖ (the chain rule through the normalisation):
 
     uv run python -m common.gradients --dataset synthetic --out runs/gradients
+    uv run python -m common.gradients --from-json docs/assets/gradients/gradients.json   # redraw the figure only
 """
 import argparse
 import json
@@ -159,28 +160,52 @@ def embed(args):
 
 
 def plot(result, path):
-    """The cosines as an annotated heat map, the norms of the parts as bars (log scale: losses differ by 1e4)."""
+    """The figure of a probe's result: the cosines as an annotated heat map, the norms of the positive and negative
+    parts as bars on a log scale (the losses differ by 10⁴), where a part that is exactly 0 (BYOL's and SimSiam's
+    negative) is marked at the axis and labelled. An SVG with its text as text, 7.5 in (720 px) wide: read at its
+    natural size, no label is below 11 pt."""
+    import matplotlib
+    import matplotlib.ticker
     from matplotlib.figure import Figure
     names = list(result["norms"])
     cosine = [[result["cosine"][a][b] for b in names] for a in names]
-    fig = Figure(figsize=(12, 5), layout="constrained")
-    heat, bars = fig.subplots(1, 2, width_ratios=[1.1, 1])
-    image = heat.imshow(cosine, cmap="RdBu_r", vmin=-1, vmax=1)
-    heat.set(xticks=range(len(names)), xticklabels=names, yticks=range(len(names)), yticklabels=names,
-             title="cosine between the gradients sent to the raw z₁")
-    for i, row in enumerate(cosine):
-        for j, c in enumerate(row):
-            heat.text(j, i, f"{c:+.2f}", ha="center", va="center", fontsize=8, color="white" if abs(c) > 0.6 else "black")
-    fig.colorbar(image, ax=heat, shrink=0.8)
-    y = range(len(names))
-    for offset, key, colour in ((-0.2, "positive", "tab:blue"), (0.2, "negative", "tab:red")):
-        values = [result["norms"][a][key] for a in names]
-        bars.barh([i + offset for i in y], [v if v > 0 else float("nan") for v in values], height=0.4,
-                  color=colour, label=f"mean |{key}|")
-    bars.set(yticks=list(y), yticklabels=names, xscale="log", title="size of the positive and negative parts")
-    bars.invert_yaxis()
-    bars.legend()
-    fig.savefig(path, dpi=110)
+    style = {"svg.fonttype": "none", "svg.hashsalt": "gradients", "font.size": 11, "font.family": "sans-serif",
+             "font.sans-serif": ["DejaVu Sans", "Arial", "Helvetica"], "axes.titlesize": 12, "axes.labelsize": 11}
+    with matplotlib.rc_context(style):
+        fig = Figure(figsize=(7.5, 10), layout="constrained")
+        heat, bars = fig.subplots(2, 1, height_ratios=[1.3, 1])
+        image = heat.pcolormesh(cosine, cmap="RdBu_r", vmin=-1, vmax=1, edgecolors="white", linewidth=1)  # vector cells
+        heat.set_aspect("equal")
+        heat.invert_yaxis()
+        heat.set(xticks=[i + 0.5 for i in range(len(names))], xticklabels=names,
+                 yticks=[i + 0.5 for i in range(len(names))], yticklabels=names,
+                 xlabel="method B", ylabel="method A", title="cosine between the gradients that methods A and B\n"
+                                                             "send to the same raw embedding z₁ (one batch)")
+        heat.tick_params(axis="x", labelrotation=30)
+        for i, row in enumerate(cosine):
+            for j, c in enumerate(row):
+                heat.text(j + 0.5, i + 0.5, f"{c:+.2f}", ha="center", va="center", fontsize=11,
+                          color="white" if abs(c) > 0.6 else "black")
+        scale = fig.colorbar(image, ax=heat, shrink=0.85, label="cosine")
+        scale.solids.set(rasterized=False, edgecolor="face")  # vector, without seams between its steps
+        y = range(len(names))
+        parts = {key: [result["norms"][a][key] for a in names] for key in ("positive", "negative")}
+        low = min(v for values in parts.values() for v in values if v > 0) / 4
+        for offset, key, colour in ((-0.2, "positive", "tab:blue"), (0.2, "negative", "tab:red")):
+            values = parts[key]
+            bars.barh([i + offset for i in y], [v if v > 0 else 0 for v in values], height=0.4, color=colour,
+                      label=f"mean ‖{key} part‖")
+            for i, v in enumerate(values):
+                if v == 0:  # a log axis has no 0: mark it at the axis and say it
+                    bars.plot([low], [i + offset], marker="D", color=colour, clip_on=False, zorder=3)
+                    bars.annotate("0: no negative term", (low, i + offset), xytext=(8, 0), textcoords="offset points",
+                                  va="center", fontsize=11, color=colour)
+        bars.set(yticks=list(y), yticklabels=names, xscale="log", xlim=(low, None), ylabel="method",
+                 xlabel="mean norm over the batch (log scale)", title="size of the positive and negative parts")
+        bars.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))  # 0.001, not 10⁻³
+        bars.invert_yaxis()
+        bars.legend(loc="upper right", fontsize=11)
+        fig.savefig(path, format="svg", metadata={"Date": None})
 
 
 def main(argv=None):
@@ -197,12 +222,22 @@ def main(argv=None):
     p.add_argument("--lambd-unigrad", type=float, default=100.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="runs/gradients")
+    p.add_argument("--from-json", metavar="JSON", help="only redraw the figure of a saved gradients.json, beside it")
     args = p.parse_args(argv)
     from common import data
     try:
         import matplotlib  # noqa: F401
     except ImportError:
         raise SystemExit("error: the figure needs matplotlib: `uv sync --group plots` (or pip install matplotlib)")
+    if args.from_json:
+        saved = Path(args.from_json)
+        try:
+            result = json.loads(saved.read_text())
+            plot(result, saved.with_name("gradients.svg"))
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise SystemExit(f"error: cannot draw {saved} ({type(e).__name__}: {e}); pass a gradients.json the probe wrote")
+        print(f"wrote {saved.with_name('gradients.svg')}")
+        return result
     try:
         z1, z2 = embed(args)  # two batches: the second one's keys are MoCo's queue
         if len(z1) < 4:
@@ -227,12 +262,12 @@ def main(argv=None):
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "gradients.json").write_text(json.dumps(result, indent=2))
-    plot(result, out / "gradients.png")
+    plot(result, out / "gradients.svg")
     print(f"{'method':8} {'|positive|':>11} {'|negative|':>11}  cosine with: " + " ".join(f"{n:>7}" for n in totals))
     for a in totals:
         print(f"{a:8} {norms[a]['positive']:11.3e} {norms[a]['negative']:11.3e}               "
               + " ".join(f"{cosine[a][b]:+7.2f}" for b in totals))
-    print(f"wrote {out / 'gradients.json'} and {out / 'gradients.png'}")
+    print(f"wrote {out / 'gradients.json'} and {out / 'gradients.svg'}")
     return result
 
 

@@ -5,6 +5,10 @@ implemented in its file, with respect to the L2-normalised online embedding, equ
 Where the loss normalises its input itself (SimCLR, BYOL, SimSiam), autograd at a unit vector u
 returns the closed form's part tangent to the sphere, (I − uuᵀ)·∂L/∂u; elsewhere the two are equal."""
 import json
+import re
+import shutil
+import xml.etree.ElementTree as ET
+from pathlib import Path
 
 import pytest
 import torch
@@ -21,6 +25,7 @@ import vicreg
 from common import gradients
 
 N, d = 8, 6
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def unit(*shape, seed=0):
@@ -102,7 +107,16 @@ def test_a_wrong_form_would_fail():
     assert not torch.allclose(g, tangent(anchor_only, u1), rtol=1e-3, atol=1e-6)
 
 
-def test_the_probe_writes_json_and_a_png(tmp_path):
+def figure_text(path):
+    """The figure's words (its text is text: svg.fonttype none) and every font size in it, in points."""
+    svg = path.read_text(encoding="utf-8")
+    root = ET.fromstring(svg)
+    assert not root.findall(".//{http://www.w3.org/2000/svg}image"), "no bitmap inside the figure"
+    words = [" ".join(t.itertext()).strip() for t in root.iter("{http://www.w3.org/2000/svg}text")]
+    return words, [float(x) for x in re.findall(r"font-size: ([0-9.]+)px", svg)]
+
+
+def test_the_probe_writes_json_and_an_svg_figure_that_says_what_it_omits(tmp_path):
     result = gradients.main(["--dataset", "synthetic", "--batch-size", "12", "--image-size", "16",
                              "--out", str(tmp_path)])
     saved = json.loads((tmp_path / "gradients.json").read_text())
@@ -114,8 +128,36 @@ def test_the_probe_writes_json_and_a_png(tmp_path):
         assert saved["norms"][a]["positive"] > 0
         for b in methods:
             assert saved["cosine"][a][b] == pytest.approx(saved["cosine"][b][a])
-    from PIL import Image
-    assert Image.open(tmp_path / "gradients.png").size[0] > 300
+    words, sizes = figure_text(tmp_path / "gradients.svg")
+    assert min(sizes) >= 11, "every label at least 11 pt at the figure's natural size"
+    for label in ("method A", "method B", "cosine", "method", "mean norm over the batch (log scale)"):
+        assert label in words, f"axis label {label!r} missing"
+    zeros = [a for a in methods if saved["norms"][a]["negative"] == 0]
+    assert zeros == ["byol", "simsiam"]  # no explicit negative term: a log axis cannot draw them, the figure says so
+    assert words.count("0: no negative term") == len(zeros)
+
+
+def test_the_docs_figure_is_drawn_from_its_json(tmp_path):
+    """docs/assets/gradients/gradients.svg is what `--from-json` draws from the JSON beside it (numbers compared
+    to 0.01 pt), and its width keeps 11 pt labels at 11 pt in a page column of 720 px."""
+    docs = ROOT / "docs" / "assets" / "gradients"
+    assert not (docs / "gradients.png").exists()
+    shutil.copy(docs / "gradients.json", tmp_path / "gradients.json")
+    gradients.main(["--from-json", str(tmp_path / "gradients.json")])
+
+    def rounded(path):
+        return re.sub(r"-?\d+\.\d+", lambda m: f"{float(m[0]):.2f}", path.read_text(encoding="utf-8"))
+    assert rounded(tmp_path / "gradients.svg") == rounded(docs / "gradients.svg"), \
+        "stale figure: `uv run python -m common.gradients --from-json docs/assets/gradients/gradients.json`"
+    assert float(ET.parse(docs / "gradients.svg").getroot().get("width").removesuffix("pt")) <= 540
+
+
+def test_a_json_the_figure_cannot_read_is_one_line(tmp_path):
+    (tmp_path / "gradients.json").write_text("{}")
+    for path in (tmp_path / "gradients.json", tmp_path / "missing.json"):
+        with pytest.raises(SystemExit) as e:
+            gradients.main(["--from-json", str(path)])
+        assert str(e.value).startswith("error: cannot draw") and "\n" not in str(e.value)
 
 
 def test_the_probe_feeds_each_loss_what_it_sees_in_training(tmp_path, monkeypatch):
