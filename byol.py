@@ -44,7 +44,7 @@ class Args(cli.System):
     blur2: float = 0.0  # Gaussian blur probability, view 2; CIFAR-10: none at 32 px, solo-learn (paper 0.1)
     solarize1: float = 0.0  # solarization probability, view 1; paper App. B, Table 6
     solarize2: float = 0.2  # solarization probability, view 2; paper App. B, Table 6
-    jax_ops: bool = False  # augment with the official JAX code's operations (ImageNet); CIFAR-10: solo-learn's torchvision ones
+    jax_ops: bool = False  # the official JAX code's augmentation ops (ImageNet); CIFAR-10: solo-learn's torchvision ops
 
 
 PRESETS = {  # the paper's ImageNet recipe, §3.3: ResNet-50, LARS lr 0.2 × N/256, wd 1.5e-6, N 4096, τ_base 0.996
@@ -62,7 +62,8 @@ def augment(args, blur, solarize):
             v2.ToImage(), v2.ToDtype(torch.float32, scale=True),  # pixels in [0, 1]
             tf_image.Batched(partial(random_crop_and_resize, size=args.image_size, area_min=args.crop_min)),
             v2.RandomHorizontalFlip(),  # random_flip
-            tf_image.Batched(partial(color_blur_solarize, blur=blur, solarize=solarize, kernel_size=args.image_size / 10)),
+            tf_image.Batched(partial(color_blur_solarize, blur=blur, solarize=solarize,
+                                     kernel_size=args.image_size / 10)),  # kernel ≈ 10% of the side
             data.normalize(args.dataset),
         ])
     # CIFAR-10: solo-learn's pipeline (pretrain_dataloader.py), torchvision's operations on PIL images

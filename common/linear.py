@@ -59,7 +59,8 @@ IMAGENET = {
     # facebookresearch/moco main_lincls.py and README: SGD (no Nesterov) lr 30 at batch 256 (not scaled),
     # 100 epochs, ×0.1 at epochs 60 and 80, no weight decay, fc ~ N(0, 0.01), bias 0
     "mocov1": dict(name="MoCo", optimizer="sgd", nesterov=False, lr=30.0, scale=False, batch_size=256,
-                   epochs=100, wd=0.0, milestones=(60, 80), per="epoch", head="normal", crop="torchvision", interpolation="bilinear"),
+                   epochs=100, wd=0.0, milestones=(60, 80), per="epoch", head="normal", crop="torchvision",
+                   interpolation="bilinear"),
     # google-research/simclr README.md, ImageNet linear head: momentum (Nesterov) lr 0.1 × B/256, batch 4096,
     # 90 epochs, weight decay 1e-6, no warmup, cosine per step, zero-init head
     "simclr": dict(name="SimCLR", optimizer="sgd", nesterov=True, lr=0.1, scale=True, batch_size=4096,
@@ -233,7 +234,7 @@ def clamped_crop(x, g, size):
 
 def train_crop(r, size):
     """The recipe's training crop, as transforms before the flip."""
-    if r["crop"] == "torchvision":  # scale (0.08, 1), aspect (3/4, 4/3): RandomResizedCrop's defaults, which those codes use
+    if r["crop"] == "torchvision":  # scale (0.08, 1), aspect (3/4, 4/3): RandomResizedCrop's defaults, as those codes
         return [v2.RandomResizedCrop(size, interpolation=getattr(v2.InterpolationMode, r["interpolation"].upper()),
                                      antialias=True)]
     crop = {"tf_bounding_box": tf_bounding_box_crop, "clamped": clamped_crop}[r["crop"]]
@@ -340,8 +341,9 @@ def main(args):
         except OSError as e:
             dist.fail(f"cannot write to {out} ({e.strerror}); pass a writable --out")
     dist.barrier()
-    t = data.eval_transform(args.dataset, args.image_size, r.get("interpolation", "bilinear"))  # the test images as the recipe's
-    sets = [data.Transformed(data.dataset(args.dataset, args.data_dir, split, args.image_size), t) for split in ("train", "test")]
+    t = data.eval_transform(args.dataset, args.image_size, r.get("interpolation", "bilinear"))  # as the recipe resizes
+    sets = [data.Transformed(data.dataset(args.dataset, args.data_dir, split, args.image_size), t)
+            for split in ("train", "test")]
     try:
         result = fast(backbone, sets, r, args, device, gpu) if args.protocol == "fast" else \
             standard(backbone, sets, r, args, device, out, gpu)

@@ -174,7 +174,8 @@ def sample_distorted_bounding_box(g, n, height, width, area_range=(0.08, 1.0), a
     area = (w * h).to(f32)
     ok = (area >= min_area) & (area <= max_area) & (w <= width) & (h <= height) & (w > 0) & (h > 0)
     # SatisfiesOverlapConstraints with the image as the box: at least one pixel, and area / image area ≥ cover
-    ok &= (area >= 1) & (area / torch.tensor(float(width * height), dtype=f32) >= torch.tensor(min_object_covered, dtype=f32))
+    covered = area / torch.tensor(float(width * height), dtype=f32)
+    ok &= (area >= 1) & (covered >= torch.tensor(min_object_covered, dtype=f32))
     top = torch.where(h < height, (u[..., 2] * (height - h)).floor().to(i64).clamp(max=height - h - 1), 0)
     left = torch.where(w < width, (u[..., 3] * (width - w)).floor().to(i64).clamp(max=width - w - 1), 0)
     first = ok.int().argmax(dim=1, keepdim=True)  # the first attempt that passed
