@@ -15,13 +15,14 @@ Docs: docs/byol.md (each section below beside the paper's equations).
 import copy
 import math
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torchvision.transforms import v2
 
-from common import cli, data, dist, optim, resnet
+from common import cli, data, dist, optim, resnet, tf_image
 from common.train import Run, fp32
 
 
@@ -43,11 +44,12 @@ class Args(cli.System):
     blur2: float = 0.0  # Gaussian blur probability, view 2; CIFAR-10: none at 32 px, solo-learn (paper 0.1)
     solarize1: float = 0.0  # solarization probability, view 1; paper App. B, Table 6
     solarize2: float = 0.2  # solarization probability, view 2; paper App. B, Table 6
+    jax_ops: bool = False  # the official JAX code's augmentation ops (ImageNet); CIFAR-10: solo-learn's torchvision ops
 
 
 PRESETS = {  # the paper's ImageNet recipe, §3.3: ResNet-50, LARS lr 0.2 × N/256, wd 1.5e-6, N 4096, τ_base 0.996
     "imagenet": dict(arch="resnet50", epochs=1000, batch_size=4096, lr=0.2, wd=1.5e-6, tau_base=0.996,
-                     eta=1e-3, clip_lr=False, blur1=1.0, blur2=0.1),
+                     eta=1e-3, clip_lr=False, blur1=1.0, blur2=0.1, jax_ops=True),
 }
 # --8<-- [end:args]
 
@@ -55,6 +57,16 @@ PRESETS = {  # the paper's ImageNet recipe, §3.3: ResNet-50, LARS lr 0.2 × N/2
 # --8<-- [start:augment]
 def augment(args, blur, solarize):
     """One view, App. B Table 6: the two views differ only in their blur and solarization probabilities."""
+    if args.jax_ops:  # ImageNet: the official code's operations (byol/utils/dataset.py, augmentations.py)
+        return v2.Compose([
+            v2.ToImage(), v2.ToDtype(torch.float32, scale=True),  # pixels in [0, 1]
+            tf_image.Batched(partial(random_crop_and_resize, size=args.image_size, area_min=args.crop_min)),
+            v2.RandomHorizontalFlip(),  # random_flip
+            tf_image.Batched(partial(color_blur_solarize, blur=blur, solarize=solarize,
+                                     kernel_size=args.image_size / 10)),  # kernel ≈ 10% of the side
+            data.normalize(args.dataset),
+        ])
+    # CIFAR-10: solo-learn's pipeline (pretrain_dataloader.py), torchvision's operations on PIL images
     kernel = (args.image_size // 10) // 2 * 2 + 1  # ≈ 10% of the side, odd (23 at 224); App. B
     return v2.Compose([
         v2.RandomResizedCrop(args.image_size, scale=(args.crop_min, 1.0), antialias=True,
@@ -62,10 +74,39 @@ def augment(args, blur, solarize):
         v2.RandomHorizontalFlip(),
         v2.RandomApply([v2.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),  # brightness, contrast, saturation, hue
         v2.RandomGrayscale(p=0.2),
+        # differs from official code: torchvision's blur (fixed kernel, reflection padding) where solo-learn uses PIL's
+        # GaussianBlur; off in the CIFAR-10 recipe (p 0 for both views), so no effect there
         v2.RandomApply([v2.GaussianBlur(kernel, sigma=(0.1, 2.0))], p=blur),
         v2.RandomSolarize(threshold=128, p=solarize),  # x ← 255 − x where x ≥ 128 (0.5 in [0, 1])
         data.normalize(args.dataset),
     ])
+
+
+def random_crop_and_resize(x, g, size, area_min):
+    """dataset.py _decode_and_random_crop on a batch x (n, 3, H, W): one draw of an area in [8%, 100%] and an aspect
+    ratio log-uniform in [3/4, 4/3], the sides clamped to the image (no retry); then tf.image.resize, bicubic (not
+    antialiased, half-pixel grid), clipped to [0, 1]."""
+    top, left, h, w = tf_image.random_crop_clamped(g, len(x), *x.shape[-2:], area_range=(area_min, 1.0),
+                                                   ratio_range=(3 / 4, 4 / 3), device=x.device)
+    return tf_image.resize_bicubic(x, top, left, h, w, (size, size), half_pixel_centers=True).clamp(0, 1)
+
+
+def color_blur_solarize(x, g, blur, solarize, kernel_size):
+    """augmentations.py on a batch x (n, 3, H, W) in [0, 1], after the flip; each image draws its own parameters."""
+    def color_jitter(x):  # in a random order, each result clipped (_color_transform_single_image)
+        return tf_image.random_order(x, [
+            (tf_image.adjust_brightness, tf_image.uniform(g, x, -0.4, 0.4)),  # x + δ
+            (tf_image.adjust_contrast, tf_image.uniform(g, x, 0.6, 1.4)),  # about each channel's own mean
+            (tf_image.adjust_saturation, tf_image.uniform(g, x, 0.8, 1.2)),  # S × f in HSV, clipped
+            (tf_image.adjust_hue, tf_image.uniform(g, x, -0.1, 0.1)),  # H + δ in HSV
+        ], g, clip=True)
+
+    x = tf_image.random_apply(color_jitter, x, p=0.8, g=g)
+    x = tf_image.random_apply(lambda x: tf_image.rgb_to_grayscale(x).expand_as(x), x, p=0.2, g=g).clamp(0, 1)
+    sigma = tf_image.uniform(g, x, 0.1, 2.0)  # kernel int(H/10/2)·2 + 1 (23 at 224), zero padding ('SAME')
+    x = tf_image.random_apply(lambda x: tf_image.gaussian_blur(x, sigma, kernel_size), x, p=blur, g=g)
+    x = tf_image.random_apply(lambda x: torch.where(x < 0.5, x, 1 - x), x, p=solarize, g=g)  # x ≥ 0.5 → 1 − x
+    return x.clamp(0, 1)
 # --8<-- [end:augment]
 
 

@@ -57,8 +57,11 @@ def augment(args):
         v2.RandomResizedCrop(args.image_size, scale=(0.2, 1.0), antialias=True),
         v2.RandomApply([v2.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
         v2.RandomGrayscale(p=0.2),
-        *blur,  # differs from paper: a 23-px kernel (≈10% of 224) where PIL's blur has no fixed size
+        *blur,  # differs from official code: a 23-px kernel (≈10% of 224) where its PIL blur has no fixed size
         v2.RandomHorizontalFlip(),
+        # differs from official code: on CIFAR-10 the demo normalises with std (0.2023, 0.1994, 0.2010), not the
+        # dataset's (0.2470, 0.2435, 0.2616) used here and in the evaluation; inputs ≈ 0.8× the demo's, which the BN
+        # after the first convolution absorbs; expected effect: none
         data.normalize(args.dataset),
     ])
 # --8<-- [end:augment]

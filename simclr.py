@@ -13,13 +13,14 @@ its negatives. Large batches, strong colour distortion and a nonlinear head are 
 Docs: docs/simclr.md (each section below beside the paper's equations).
 """
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torchvision.transforms import v2
 
-from common import cli, data, dist, optim, resnet
+from common import cli, data, dist, optim, resnet, tf_image
 from common.train import Run, fp32
 
 
@@ -48,21 +49,59 @@ PRESETS = {  # the paper's ImageNet recipe: ResNet-50, LARS lr 0.3 × N/256, wd 
 
 # --8<-- [start:augment]
 def augment(args):
-    """One view: random crop and resize (bicubic), flip, colour distortion of strength s; App. A."""
-    kernel = (args.image_size // 10) // 2 * 2 + 1  # ≈ 10% of the side, odd; App. A
-    blur = [v2.RandomApply([v2.GaussianBlur(kernel, sigma=(0.1, 2.0))], p=0.5)] if args.blur else []
-    s = args.s
+    """One view: random crop and resize, flip, colour distortion of strength s (App. A), as the v1 code computes
+    them (data_util.py preprocess_for_train with impl 'simclrv1'; blur in model.py): TF's operations, whose
+    arithmetic is not torchvision's (common/tf_image.py)."""
+    blur = [tf_image.Batched(partial(random_blur, kernel_size=args.image_size // 10))] if args.blur else []
     return v2.Compose([
-        v2.RandomResizedCrop(args.image_size, scale=(args.crop_min, 1.0), antialias=True,
-                             interpolation=v2.InterpolationMode.BICUBIC),
-        v2.RandomHorizontalFlip(),
-        v2.RandomApply([v2.ColorJitter(0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s)], p=0.8),
-        v2.RandomGrayscale(p=0.2),
+        v2.ToImage(), v2.ToDtype(torch.float32, scale=True),  # pixels in [0, 1], tf.image.convert_image_dtype
+        tf_image.Batched(partial(random_crop_and_resize, size=args.image_size, area_min=args.crop_min)),
+        v2.RandomHorizontalFlip(),  # tf.image.random_flip_left_right
+        tf_image.Batched(partial(color_distortion, s=args.s)),
         *blur,
         # differs from paper: inputs are normalised by the dataset's mean and std (the TF code feeds
         # pixels in [0, 1]); the first convolution's weights can absorb the scale, the BN after it the shift.
         data.normalize(args.dataset),
     ])
+
+
+def random_crop_and_resize(x, g, size, area_min):
+    """data_util.py crop_and_resize on a batch x (n, 3, H, W): TF's sample_distorted_bounding_box (area 8–100%,
+    aspect 3/4–4/3 drawn uniformly, at least 10% of the image, 100 attempts, else the whole image), then TF1's
+    resize_bicubic (not antialiased, legacy pixel grid), the values not clipped until the colour distortion."""
+    top, left, h, w = tf_image.sample_distorted_bounding_box(g, len(x), *x.shape[-2:], area_range=(area_min, 1.0),
+                                                             aspect_ratio_range=(3 / 4, 4 / 3), min_object_covered=0.1,
+                                                             max_attempts=100, device=x.device)
+    return tf_image.resize_bicubic(x, top, left, h, w, (size, size), half_pixel_centers=False)
+
+
+def color_distortion(x, g, s):
+    """App. A's pseudo-code on a batch x (n, 3, H, W) in [0, 1], strength s; each image draws its own parameters.
+    The order is random and each result clipped, as the v1 code (data_util.py color_jitter_rand)."""
+    def color_jitter(x):
+        return tf_image.random_order(x, [
+            (tf_image.adjust_brightness, tf_image.uniform(g, x, -0.8 * s, 0.8 * s)),  # x + δ, random_brightness
+            (tf_image.adjust_contrast, tf_image.uniform(g, x, 1 - 0.8 * s, 1 + 0.8 * s)),  # each channel's mean
+            (tf_image.adjust_saturation, tf_image.uniform(g, x, 1 - 0.8 * s, 1 + 0.8 * s)),  # S × f in HSV
+            (tf_image.adjust_hue, tf_image.uniform(g, x, -0.2 * s, 0.2 * s)),  # H + δ in HSV
+        ], g, clip=True)
+
+    def color_drop(x):
+        return tf_image.rgb_to_grayscale(x).expand_as(x)  # tf.tile to 3 channels
+
+    x = tf_image.random_apply(color_jitter, x, p=0.8, g=g)
+    x = tf_image.random_apply(color_drop, x, p=0.2, g=g)
+    return x.clamp(0, 1)  # preprocess_for_train's last clip (the crop's bicubic overshoot, where no jitter ran)
+
+
+def random_blur(x, g, kernel_size):
+    """model.py batch_random_blur: with probability 0.5 a Gaussian blur of σ ∈ [0.1, 2], kernel ≈ 10% of the side,
+    zero padding ('SAME'); App. A."""
+    # differs from official code: σ is drawn per image, where batch_random_blur draws one σ per batch and view;
+    # the same law per image, more variety within a batch; expected effect: none measurable
+    sigma = tf_image.uniform(g, x, 0.1, 2.0)
+    x = tf_image.random_apply(lambda x: tf_image.gaussian_blur(x, sigma, kernel_size), x, p=0.5, g=g)
+    return x.clamp(0, 1)
 # --8<-- [end:augment]
 
 

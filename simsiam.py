@@ -53,7 +53,7 @@ def augment(args):
         v2.RandomResizedCrop(args.image_size, scale=(args.crop_min, 1.0), antialias=True),
         v2.RandomApply([v2.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),  # brightness, contrast, saturation, hue
         v2.RandomGrayscale(p=0.2),
-        *blur,  # differs from paper: a 23-px kernel (≈10% of 224) where PIL's blur has no fixed size
+        *blur,  # differs from official code: a 23-px kernel (≈10% of 224) where its PIL blur has no fixed size
         v2.RandomHorizontalFlip(),
         data.normalize(args.dataset),
     ])

@@ -34,10 +34,12 @@ def normalize(dataset):
     return v2.Compose([v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)])
 
 
-def eval_transform(dataset, image_size):
-    """No augmentation: resize (to 256/224 of the crop for large images) and centre-crop."""
+def eval_transform(dataset, image_size, interpolation="bilinear"):
+    """No augmentation: resize (to 256/224 of the crop for large images; `interpolation` bilinear or bicubic) and
+    centre-crop."""
     resize = image_size if image_size <= 64 else image_size * 256 // 224
-    return v2.Compose([v2.Resize(resize), v2.CenterCrop(image_size), normalize(dataset)])
+    mode = v2.InterpolationMode(interpolation)
+    return v2.Compose([v2.Resize(resize, interpolation=mode), v2.CenterCrop(image_size), normalize(dataset)])
 
 
 def _folder(root, split):

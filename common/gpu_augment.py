@@ -1,10 +1,12 @@
-"""--gpu-augment: a method's own torchvision v2 augmentation, run on whole batches on the device.
+"""--gpu-augment: a method's own augmentation, run on whole batches on the device.
 
 At 32 px the CPU loader, not the GPU, bounds the speed. With --gpu-augment the training images stay
 on the device as uint8 and each view's pipeline runs on a whole batch at once, every sample with its
 own random parameters. The pipeline is read off the method's `v2.Compose` (crop scale and ratio,
 jitter ranges, probabilities, blur kernel...), so the device path cannot drift from the CPU path; a
-transform this module does not know is an error, never skipped.
+transform this module does not know is an error, never skipped. The steps a method writes as batched
+functions (`tf_image.Batched`: SimCLR's and BYOL's TF operations) are called as they are, on the
+batch: the CPU loader runs the very same function on one image.
 
 Where it differs from the CPU path, by design:
 - values stay float between operations, where PIL rounds to uint8 after each;
@@ -19,7 +21,7 @@ import torch.nn.functional as F
 import torchvision
 from torchvision.transforms import v2
 
-from common import data, dist
+from common import data, dist, tf_image
 
 MAX_SIDE = 64  # the small-image datasets, those the CIFAR stem is for
 MAX_BYTES = 4 * 2**30  # the uint8 training set held on each device
@@ -240,6 +242,11 @@ def _translate(t, scale):
         def blur(x, g):
             return gaussian_blur(x, t.kernel_size, _uniform(g, (len(x),), *t.sigma))
         return [blur], scale
+    if isinstance(t, tf_image.Batched):
+        if scale != 1.0:
+            raise Unsupported("--gpu-augment runs a batched step on floats in [0, 1]: put ToDtype(float32, scale=True) "
+                              "before it; run without --gpu-augment")
+        return [t.fn], scale
     if isinstance(t, v2.Normalize):
         stats = {}
 

@@ -25,6 +25,7 @@ import json
 import math
 import typing
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -33,13 +34,17 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
-from common import checkpoint, cli, data, dist, evaluate, optim
+from common import checkpoint, cli, data, dist, evaluate, optim, tf_image
 from common.device import GpuPath
 
 # The standard protocol. `lr` is the base lr, multiplied by batch_size/256 where `scale` is set; the
 # schedule is a cosine to 0 (`milestones` None) or ×0.1 at each milestone epoch, applied per step or per
 # epoch; `head` is the classifier's initialisation; `optimizer` "lars" is SGD whose gradients are first
-# scaled by LARC's trust ratio (`larc_`). SGD momentum is 0.9 in every official code.
+# scaled by LARC's trust ratio (`larc_`). SGD momentum is 0.9 in every official code. `crop` is the training crop:
+# "torchvision" (RandomResizedCrop at its defaults, area (0.08, 1), aspect (3/4, 4/3) log-uniform, with
+# `interpolation`: the PyTorch codes' main_lincls.py / evaluate.py), "tf_bounding_box" (SimCLR's data_util.py
+# crop_and_resize: TF's sample_distorted_bounding_box and TF1's resize_bicubic) or "clamped" (BYOL's dataset.py
+# _decode_and_random_crop and TF2's bicubic resize); `interpolation` also resizes the test images.
 SMALL = dict(  # google-research/simclr README.md, "Finetuning the linear head (linear eval)", CIFAR-10 command
     name="SimCLR CIFAR", optimizer="sgd",
     nesterov=True,  # --optimizer=momentum: MomentumOptimizer(use_nesterov=True), model_util.py get_optimizer
@@ -48,34 +53,45 @@ SMALL = dict(  # google-research/simclr README.md, "Finetuning the linear head (
     wd=0.0,  # --weight_decay=0.0
     milestones=None, per="step",  # --warmup_epochs=0, then cosine decay per step to 0, model_util.py
     head="zero",  # --zero_init_logits_layer=True
-    interpolation="bicubic",  # data_util.py crop_and_resize: area (0.08, 1), aspect (3/4, 4/3), bicubic; flip
+    crop="tf_bounding_box", interpolation="bicubic",  # data_util.py preprocess_for_train, finetune: crop_and_resize, flip
 )  # (data.py disables the test crop at <= 32 px: the test image is used whole, as eval_transform does here)
 IMAGENET = {
     # facebookresearch/moco main_lincls.py and README: SGD (no Nesterov) lr 30 at batch 256 (not scaled),
     # 100 epochs, ×0.1 at epochs 60 and 80, no weight decay, fc ~ N(0, 0.01), bias 0
     "mocov1": dict(name="MoCo", optimizer="sgd", nesterov=False, lr=30.0, scale=False, batch_size=256,
-                   epochs=100, wd=0.0, milestones=(60, 80), per="epoch", head="normal", interpolation="bilinear"),
+                   epochs=100, wd=0.0, milestones=(60, 80), per="epoch", head="normal", crop="torchvision",
+                   interpolation="bilinear"),
     # google-research/simclr README.md, ImageNet linear head: momentum (Nesterov) lr 0.1 × B/256, batch 4096,
     # 90 epochs, weight decay 1e-6, no warmup, cosine per step, zero-init head
     "simclr": dict(name="SimCLR", optimizer="sgd", nesterov=True, lr=0.1, scale=True, batch_size=4096,
-                   epochs=90, wd=1e-6, milestones=None, per="step", head="zero", interpolation="bicubic"),
+                   epochs=90, wd=1e-6, milestones=None, per="step", head="zero", crop="tf_bounding_box",
+                   # differs from official code: the test images are resized by torchvision (shorter side to 256/224 of
+                   # the crop, antialiased bicubic) and centre-cropped, where data_util.py center_crop crops 87.5% and
+                   # resizes with TF1's resize_bicubic (no antialiasing); the same geometry, a smoother resampling
+                   interpolation="bicubic"),
     # deepmind-research byol/configs/eval.py and utils/schedules.py: SGD Nesterov 0.9, base lr 0.2 × B/256,
     # 80 epochs, no warmup, cosine per step, no weight decay; batch 4096 (main_loop.py --batch_size);
     # haiku's default Linear init (truncated normal, std 1/√fan_in): torch's default init here
     "byol": dict(name="BYOL", optimizer="sgd", nesterov=True, lr=0.2, scale=True, batch_size=4096,
-                 epochs=80, wd=0.0, milestones=None, per="step", head="torch", interpolation="bilinear"),
+                 epochs=80, wd=0.0, milestones=None, per="step", head="torch", crop="clamped",
+                 # differs from official code: the test images as SimCLR's above (dataset.py _decode_and_center_crop
+                 # crops 224/256 of the shorter side and resizes with TF2's bicubic resize, no antialiasing)
+                 interpolation="bicubic"),
     # facebookresearch/simsiam main_lincls.py and README (--lars): apex LARC (trust 0.001, clip False) over SGD,
     # lr 0.1 × B/256, batch 4096, 90 epochs, cosine per epoch, no weight decay, fc ~ N(0, 0.01), bias 0
     "simsiam": dict(name="SimSiam", optimizer="lars", nesterov=False, lr=0.1, scale=True, batch_size=4096,
-                    epochs=90, wd=0.0, milestones=None, per="epoch", head="normal", interpolation="bilinear"),
+                    epochs=90, wd=0.0, milestones=None, per="epoch", head="normal", crop="torchvision",
+                    interpolation="bilinear"),
     # facebookresearch/barlowtwins evaluate.py and README: SGD lr-classifier 0.3 (not scaled), batch 256,
     # 100 epochs, weight decay 1e-6, CosineAnnealingLR stepped per epoch, fc ~ N(0, 0.01), bias 0
     "barlow": dict(name="Barlow Twins", optimizer="sgd", nesterov=False, lr=0.3, scale=False, batch_size=256,
-                   epochs=100, wd=1e-6, milestones=None, per="epoch", head="normal", interpolation="bilinear"),
+                   epochs=100, wd=1e-6, milestones=None, per="epoch", head="normal", crop="torchvision",
+                   interpolation="bilinear"),
     # facebookresearch/vicreg evaluate.py, with the README's linear-evaluation command (--lr-head 0.02; the
     # script's default is 0.3): batch 256, 100 epochs, weight decay 1e-6, cosine per epoch, fc ~ N(0, 0.01)
     "vicreg": dict(name="VICReg", optimizer="sgd", nesterov=False, lr=0.02, scale=False, batch_size=256,
-                   epochs=100, wd=1e-6, milestones=None, per="epoch", head="normal", interpolation="bilinear"),
+                   epochs=100, wd=1e-6, milestones=None, per="epoch", head="normal", crop="torchvision",
+                   interpolation="bilinear"),
 }
 IMAGENET["mocov2"] = {**IMAGENET["mocov1"], "name": "MoCo v2"}  # the same main_lincls.py and README command
 # fundamentalvision/UniGrad lineval.py and run_linear.sh (--lars); README: "follows ... SimSiam"
@@ -201,13 +217,35 @@ def lr_at(r, base, step, steps_per_epoch):
     return optim.cosine(step, r["epochs"] * steps_per_epoch, base)
 
 
+def tf_bounding_box_crop(x, g, size):
+    """SimCLR's linear-evaluation crop (data_util.py crop_and_resize, then the last clip): TF's
+    sample_distorted_bounding_box (area (0.08, 1), aspect (3/4, 4/3) uniform, 10% covered, 100 attempts, else the
+    whole image) and TF1's resize_bicubic."""
+    top, left, h, w = tf_image.sample_distorted_bounding_box(g, len(x), *x.shape[-2:], device=x.device)
+    return tf_image.resize_bicubic(x, top, left, h, w, (size, size), half_pixel_centers=False).clamp(0, 1)
+
+
+def clamped_crop(x, g, size):
+    """BYOL's linear-evaluation crop (dataset.py _decode_and_random_crop, resize, clip): one draw, the sides clamped
+    to the image, then TF2's bicubic resize."""
+    top, left, h, w = tf_image.random_crop_clamped(g, len(x), *x.shape[-2:], device=x.device)
+    return tf_image.resize_bicubic(x, top, left, h, w, (size, size), half_pixel_centers=True).clamp(0, 1)
+
+
+def train_crop(r, size):
+    """The recipe's training crop, as transforms before the flip."""
+    if r["crop"] == "torchvision":  # scale (0.08, 1), aspect (3/4, 4/3): RandomResizedCrop's defaults, as those codes
+        return [v2.RandomResizedCrop(size, interpolation=getattr(v2.InterpolationMode, r["interpolation"].upper()),
+                                     antialias=True)]
+    crop = {"tf_bounding_box": tf_bounding_box_crop, "clamped": clamped_crop}[r["crop"]]
+    return [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), tf_image.Batched(partial(crop, size=size))]
+
+
 def standard(backbone, sets, r, args, device, out, gpu):
     """(test logits, test labels) of a linear layer trained on augmented crops; resumes from the checkpoint.
     Returns None when --max-steps stopped it before the end."""
     train_set, test_set = sets
-    crop = v2.RandomResizedCrop(args.image_size, interpolation=getattr(v2.InterpolationMode, r["interpolation"].upper()),
-                                antialias=True)  # scale (0.08, 1), aspect (3/4, 4/3): every source's default
-    augment = v2.Compose([crop, v2.RandomHorizontalFlip(), data.normalize(args.dataset)])
+    augment = v2.Compose([*train_crop(r, args.image_size), v2.RandomHorizontalFlip(), data.normalize(args.dataset)])
     loader = data.train_loader(Augmented(train_set.base, augment), r["batch_size"], args.workers, args.seed, device)
     steps_per_epoch = loader.sampler.num_samples // loader.batch_size
     total = r["epochs"] * steps_per_epoch
@@ -303,7 +341,9 @@ def main(args):
         except OSError as e:
             dist.fail(f"cannot write to {out} ({e.strerror}); pass a writable --out")
     dist.barrier()
-    sets = evaluate.eval_sets(args.dataset, args.data_dir, args.image_size)
+    t = data.eval_transform(args.dataset, args.image_size, r.get("interpolation", "bilinear"))  # as the recipe resizes
+    sets = [data.Transformed(data.dataset(args.dataset, args.data_dir, split, args.image_size), t)
+            for split in ("train", "test")]
     try:
         result = fast(backbone, sets, r, args, device, gpu) if args.protocol == "fast" else \
             standard(backbone, sets, r, args, device, out, gpu)

@@ -286,3 +286,34 @@ def test_gpu_augment_refuses_large_images_in_one_line(tmp_path):
                  "--out", tmp_path / "run")
     message = str(e.value.code)
     assert message.startswith("error: --gpu-augment") and "96x96" in message and "\n" not in message
+
+
+# --- the TF operations (SimCLR, BYOL's ImageNet preset) on the batch ---------------------------------------
+
+def test_tf_colour_distortion_on_the_batch_draws_per_sample():
+    """SimCLR's colour distortion on a batch of grey images: only brightness acts there (contrast, saturation and
+    hue leave a flat grey image alone), so each view is v + δ where the jitter ran (p 0.8): δ uniform in
+    [−0.8s, 0.8s] (TF's random_brightness adds it), one δ per sample, the rate 0.8."""
+    import simclr
+    n, s = 3000, 0.5
+    x = torch.full((n, 3, 4, 4), 0.5)
+    y = simclr.color_distortion(x, gen(20), s)
+    assert (y.flatten(1).amax(1) - y.flatten(1).amin(1)).max() < 1e-6  # still flat and grey
+    delta = y[:, 0, 0, 0] - 0.5
+    moved = delta[delta.abs() > 2e-4]  # grayscale alone moves grey by −5e-5 (TF's weights sum to 0.9999)
+    assert rate_ok(len(moved), n, 0.8)
+    assert ks_uniform(moved, -0.8 * s, 0.8 * s) < KS / math.sqrt(len(moved))
+
+
+def test_tf_random_order_is_per_sample():
+    """Contrast 0 (each channel to its own mean) and saturation 0 (each pixel to its max) do not commute on two
+    pixels (0.8, 0.2, 0.2) and (0.2, 0.8, 0.2): 0.5 when contrast runs first, 0.8 when saturation does; each
+    order half the time, drawn per sample on the batch."""
+    from common import tf_image
+    n = 4000
+    x = torch.tensor([[0.8, 0.2], [0.2, 0.8], [0.2, 0.2]]).view(1, 3, 1, 2).expand(n, 3, 1, 2)
+    ops = [(tf_image.adjust_contrast, torch.zeros(n)), (tf_image.adjust_saturation, torch.zeros(n))]
+    y = tf_image.random_order(x, ops, gen(21))[:, 0, 0, 0]
+    contrast_first, saturation_first = torch.isclose(y, torch.tensor(0.5)), torch.isclose(y, torch.tensor(0.8))
+    assert (contrast_first | saturation_first).all()
+    assert rate_ok(int(contrast_first.sum()), n, 0.5)

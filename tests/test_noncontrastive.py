@@ -94,7 +94,11 @@ def test_byol_heads_have_the_papers_shapes():
 
 
 def apply_probabilities(pipeline):
-    """(blur p, solarize p) of a BYOL-style view pipeline."""
+    """(blur p, solarize p) of a BYOL-style view pipeline: torchvision's transforms, or the batched step of BYOL's
+    ImageNet preset (byol.color_blur_solarize, its probabilities as arguments)."""
+    steps = [t.fn.keywords for t in pipeline.transforms if type(t).__name__ == "Batched" and "blur" in t.fn.keywords]
+    if steps:
+        return steps[0]["blur"], steps[0]["solarize"]
     blur = [t.p for t in pipeline.transforms if type(t).__name__ == "RandomApply"
             and type(t.transforms[0]).__name__ == "GaussianBlur"]
     solarize = [t.p for t in pipeline.transforms if type(t).__name__ == "RandomSolarize"]

@@ -69,9 +69,10 @@ def test_augmentation_strength_and_presets():
     assert (a.lr, a.wd, a.tau, a.s, a.blur, a.batch_size, a.epochs) == (1.0, 1e-6, 0.5, 0.5, False, 512, 1000)
     a = cli.parse(simclr.Args, simclr.PRESETS, ["--dataset", "imagenet"])
     assert (a.arch, a.lr, a.wd, a.tau, a.s, a.blur, a.batch_size) == ("resnet50", 0.3, 1e-6, 0.1, 1.0, True, 4096)
-    jitter = [t for t in simclr.augment(simclr.Args(s=0.5)).transforms if isinstance(t, type(simclr.augment(
-        simclr.Args()).transforms[2]))][0].transforms[0]
-    assert jitter.brightness == (0.6, 1.4) and jitter.hue == (-0.1, 0.1)  # (0.8s, 0.8s, 0.8s, 0.2s) at s = 0.5
+    from common import tf_image
+    steps = [t.fn for t in simclr.augment(simclr.Args(s=0.5)).transforms if isinstance(t, tf_image.Batched)]
+    assert [f.func for f in steps] == [simclr.random_crop_and_resize, simclr.color_distortion]
+    assert steps[1].keywords["s"] == 0.5  # the ranges (0.8s, 0.8s, 0.8s, 0.2s): tests/test_tf_augment.py
 
 
 def differentiable_eq1(z1, z2, tau):
