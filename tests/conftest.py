@@ -110,10 +110,13 @@ def _serve(rank, world, port, inbox, outbox):
 
 
 class Gloo:
-    """`world` gloo processes started once and reused by every test (each start imports torch)."""
+    """`world` gloo processes started once and reused by every test. They are forked from a server process
+    that imported torch, torchvision and the project once (multiprocessing's forkserver): a process that
+    imports them itself spends about 10 s of CPU doing so."""
 
     def __init__(self, world):
-        ctx = torch.multiprocessing.get_context("spawn")
+        ctx = torch.multiprocessing.get_context("forkserver")
+        ctx.set_forkserver_preload(["torch", "torchvision", "common.train", "conftest"])
         self.world, self.outbox = world, ctx.Queue()
         self.inboxes = [ctx.Queue() for _ in range(world)]
         port = free_port()
@@ -163,10 +166,73 @@ def run_main(module, *argv):
     return module.main(cli.parse(module.Args, getattr(module, "PRESETS", {}), [str(a) for a in argv]))
 
 
+# --- one torchrun launch for the runs on two processes ----------------------------------------------
+
+TWO_PROCESS_EXTRA = {"simclr": [], "byol": [], "barlow": [], "vicreg": [], "unigrad": [], "mocov1": ["--K", "16"],
+                     "mocov2": ["--K", "16"]}
+
+
+def two_process_argv(method, folder):
+    """The command line that tests/test_cli.py and tests/test_moco.py run on one process and on two."""
+    return ["--dataset", "folder", "--data-dir", str(folder), "--epochs", "2", "--max-steps", "3", *SMALL,
+            *TWO_PROCESS_EXTRA[method]]
+
+
+class TorchrunRuns:
+    """One `torchrun --nproc-per-node 2` running `<method>.py two_process_argv(method)` for each method asked
+    for, one after the other in the same two worker processes (tests/several.py): the agent and the workers
+    start once, not once per method (about 30 s of CPU each time). It runs in the background while the tests
+    run their single-process halves; `out(method)` waits for it and returns that method's run directory."""
+
+    def __init__(self, methods, folder, directory):
+        jobs = [[f"{m}.py", *two_process_argv(m, folder), "--out", str(directory / m)] for m in methods]
+        (directory / "jobs.json").write_text(json.dumps(jobs))
+        self.methods, self.directory, self.log = list(methods), directory, directory / "log.txt"
+        with open(self.log, "w") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--master-port",
+                 str(free_port()), str(ROOT / "tests" / "several.py"), str(directory / "jobs.json")],
+                cwd=ROOT, env=env(), stdout=log, stderr=subprocess.STDOUT)
+
+    def out(self, method, timeout=900):
+        try:
+            self.process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        log = self.log.read_text()
+        if f"== job {self.methods.index(method)} ok" not in log:
+            raise AssertionError(f"torchrun of {method}.py failed (exit {self.process.returncode}):\n{log}")
+        return self.directory / method
+
+
+@pytest.fixture(scope="session")
+def torchrun_runs(request, image_folder, tmp_path_factory):
+    """The TorchrunRuns of the methods whose tests were selected (a `method` parameter, or the marker
+    `two_processes(method)`), started at the first test that asks for it."""
+    methods = []
+    for item in request.session.items:
+        if "torchrun_runs" in getattr(item, "fixturenames", ()):
+            marker = item.get_closest_marker("two_processes")
+            method = marker.args[0] if marker else item.callspec.params["method"]
+            if method not in methods:
+                methods.append(method)
+    runs = TorchrunRuns(methods, image_folder, tmp_path_factory.mktemp("torchrun"))
+    yield runs
+    if runs.process.poll() is None:
+        runs.process.kill()
+        runs.process.wait()
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "two_processes(method): the test reads that method's run of torchrun_runs")
+
+
 def pytest_collection_modifyitems(config, items):
     """Under pytest-xdist (--dist loadgroup), tests sharing an expensive session fixture run on one
-    worker, which then starts it once: the gloo process groups, the extracted CIFAR-10 subset."""
+    worker, which then starts it once: the gloo process groups, the torchrun launch, the extracted
+    CIFAR-10 subset."""
     for item in items:
-        for fixture, group in (("gloo", "gloo"), ("cifar_subset", "learning")):
+        for fixture, group in (("gloo", "gloo"), ("torchrun_runs", "torchrun"), ("cifar_subset", "learning")):
             if fixture in getattr(item, "fixturenames", ()):
                 item.add_marker(pytest.mark.xdist_group(group))

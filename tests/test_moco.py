@@ -10,7 +10,7 @@ import torch.nn.functional as F
 import mocov1
 import mocov2
 from common import cli
-from conftest import SMALL, metrics, run_main, torchrun
+from conftest import SMALL, metrics, run_main, two_process_argv
 
 
 def naive_info_nce(q, k, queue, tau):
@@ -150,11 +150,10 @@ def test_mocov2_is_mocov1_plus_the_four_changes():
 
 
 @pytest.mark.parametrize("method", ["mocov1", "mocov2"])
-def test_command_line_one_and_two_processes(method, image_folder, tmp_path, monkeypatch):
+def test_command_line_one_and_two_processes(method, image_folder, tmp_path, monkeypatch, torchrun_runs):
     from common import evaluate
     module = {"mocov1": mocov1, "mocov2": mocov2}[method]
-    flags = ["--dataset", "folder", "--data-dir", image_folder, "--epochs", "2", "--max-steps", "3", *SMALL,
-             "--K", "16"]
+    flags = two_process_argv(method, image_folder)  # ... "--K", "16"
     widths, features = [], evaluate.features
 
     def recorded(*args, **kwargs):  # the width of the features each kNN evaluation reads
@@ -164,8 +163,8 @@ def test_command_line_one_and_two_processes(method, image_folder, tmp_path, monk
     monkeypatch.setattr(evaluate, "features", recorded)
     run_main(module, *flags, "--out", tmp_path / "one")
     assert widths == [512, 512, 128, 128]  # memory and queries: the backbone, then the demo's 128-d q
-    torchrun(f"{method}.py", *flags, "--out", tmp_path / "two")
-    for out, world in [(tmp_path / "one", 1), (tmp_path / "two", 2)]:
+    two = torchrun_runs.out(method)  # torchrun --nproc-per-node=2 <method>.py (the same flags), run beside this test
+    for out, world in [(tmp_path / "one", 1), (two, 2)]:
         rows = metrics(out)
         assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3]
         assert {"knn_top1", "knn_top1_q"} <= set(rows[-1]) and 0 <= rows[-1]["knn_top1_q"] <= 1
