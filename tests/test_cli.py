@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from common import resnet
-from conftest import ROOT, SMALL, env, free_port, metrics, run_cli, run_main, torchrun
+from conftest import ROOT, SMALL, env, free_port, metrics, run_cli, run_main, two_process_argv
 
 
 STATS = {"simsiam": ("std_z", -1.0, 1.0), "simclr": ("pos_sim", 0.0, 10.0), "byol": ("tau", 0.0, 8.0),
@@ -65,33 +65,31 @@ def test_simsiam_synthetic_one_process(tmp_path):  # (the real process: the two-
     check_run(tmp_path, 2)
 
 
-def test_simclr_one_process_and_torchrun(image_folder, tmp_path):
+@pytest.mark.two_processes("simclr")
+def test_simclr_one_process_and_torchrun(image_folder, tmp_path, torchrun_runs):
     import simclr
-    run_main(simclr, "--dataset", "folder", "--data-dir", image_folder, "--epochs", "2", "--max-steps", "3",
-             *SMALL, "--out", tmp_path / "one")
+    run_main(simclr, *two_process_argv("simclr", image_folder), "--out", tmp_path / "one")
     check_run(tmp_path / "one", 3, method="simclr")
     assert lars_variant(tmp_path / "one") == {"lr_in_momentum": True, "clip_lr": False, "eta": 0.001}  # official LARS
-    torchrun("simclr.py", "--dataset", "folder", "--data-dir", image_folder, "--epochs", "2", "--max-steps", "3",
-             *SMALL, "--out", tmp_path / "two")
-    check_run(tmp_path / "two", 3, world=2, method="simclr")
-    one, two = metrics(tmp_path / "one"), metrics(tmp_path / "two")
+    two = torchrun_runs.out("simclr")  # torchrun --nproc-per-node=2 simclr.py (the same flags), run beside this test
+    check_run(two, 3, world=2, method="simclr")
+    one, two = metrics(tmp_path / "one"), metrics(two)
     # the same samples and views per step on 1 and 2 processes: the first loss agrees to float32 precision
     assert abs(one[0]["loss"] - two[0]["loss"]) < 1e-4 * abs(one[0]["loss"])
 
 
 @pytest.mark.parametrize("method", ["byol", "barlow", "vicreg", "unigrad"])
-def test_one_process_and_torchrun_agree(method, image_folder, tmp_path):
+def test_one_process_and_torchrun_agree(method, image_folder, tmp_path, torchrun_runs):
     module = importlib.import_module(method)
-    argv = ["--dataset", "folder", "--data-dir", image_folder, "--epochs", "2", "--max-steps", "3", *SMALL]
-    run_main(module, *argv, "--out", tmp_path / "one")
+    run_main(module, *two_process_argv(method, image_folder), "--out", tmp_path / "one")
     check_run(tmp_path / "one", 3, method=method)
     if method != "unigrad":  # (SGD) BYOL's CIFAR-10 recipe takes solo-learn's LARS, Barlow Twins and VICReg the papers'
         clipped = method == "byol"
         assert lars_variant(tmp_path / "one") == {"lr_in_momentum": False, "clip_lr": clipped,
                                                   "eta": 0.02 if clipped else 0.001}
-    torchrun(f"{method}.py", *argv, "--out", tmp_path / "two")
-    check_run(tmp_path / "two", 3, world=2, method=method)
-    one, two = metrics(tmp_path / "one"), metrics(tmp_path / "two")
+    two = torchrun_runs.out(method)  # torchrun --nproc-per-node=2 <method>.py (the same flags), run beside this test
+    check_run(two, 3, world=2, method=method)
+    one, two = metrics(tmp_path / "one"), metrics(two)
     # the same samples and views per step on 1 and 2 processes: the first loss agrees to float32 precision
     assert abs(one[0]["loss"] - two[0]["loss"]) < 1e-4 * abs(one[0]["loss"])
 
