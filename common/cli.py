@@ -6,6 +6,7 @@ the method's `PRESETS[dataset]`, then the flags given on the command line.
 import argparse
 import dataclasses
 import inspect
+import os
 import typing
 import re
 import signal
@@ -27,6 +28,17 @@ DATASET_DEFAULTS = {
 }
 
 
+def default_workers():
+    """Loader processes per rank that the machine can run: 4, or fewer when this process may use fewer cores
+    than 4 per rank of its node (the cores it may run on, shared by torchrun's LOCAL_WORLD_SIZE ranks); at least
+    1. More than the process's cores makes PyTorch's DataLoader warn, and slows the step it feeds."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # (macOS, Windows)
+        cores = os.cpu_count() or 1
+    return max(1, min(4, cores // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
+
+
 @dataclass
 class System:
     """Flags every method accepts: data, run directory, evaluation and engineering, no paper symbol."""
@@ -35,7 +47,7 @@ class System:
     data_dir: str = "./data"  # dataset root; folder/imagenet expect train/ and val/ (or test/)
     arch: typing.Literal["resnet18", "resnet50"] = "resnet18"  # backbone (CIFAR stem at <= 64 px)
     image_size: int = 32  # crop size in pixels
-    workers: int = 4  # data loader processes per rank
+    workers: int = default_workers()  # data loader processes per rank (4, or fewer on a machine with fewer cores)
     out: str = ""  # run directory (default runs/<method>-<dataset>)
     resume: bool = True  # continue from OUT/checkpoint.pt when it exists
     max_steps: int = 0  # stop after this many optimiser steps (0: run all epochs)

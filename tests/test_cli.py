@@ -153,3 +153,31 @@ def test_models_of_both_recipes_have_the_papers_shapes():
     assert imagenet.backbone.conv1.kernel_size == (7, 7)
     assert [(m.in_features, m.out_features) for m in imagenet.projector if isinstance(m, torch.nn.Linear)] == \
         [(2048, 2048)] * 3
+
+
+def test_the_default_loader_workers_fit_the_machine(monkeypatch):
+    """--workers defaults to what this process's cores can run per rank (PyTorch's DataLoader warns above
+    the cores it may use); the flag still overrides it."""
+    import os
+    import warnings
+    import simsiam
+    from common import cli
+    for cores, local_world, expected in [(2, None, 2), (16, None, 4), (16, "8", 2), (2, "2", 1), (1, None, 1),
+                                         (3, "4", 1)]:
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid, n=cores: set(range(n)))
+        if local_world:
+            monkeypatch.setenv("LOCAL_WORLD_SIZE", local_world)
+        else:
+            monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+        assert cli.default_workers() == expected, (cores, local_world)
+    monkeypatch.undo()
+    args = cli.parse(simsiam.Args, simsiam.PRESETS, [])
+    assert args.workers == cli.default_workers() == cli.System.workers  # this machine's, shown by --help
+    assert cli.parse(simsiam.Args, simsiam.PRESETS, ["--workers", "7"]).workers == 7
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # PyTorch's "This DataLoader will create N worker processes..." fails here
+        torch.utils.data.DataLoader(range(4), num_workers=args.workers).check_worker_number_rationality()
+    with pytest.warns(UserWarning, match="worker processes in total"):  # (one worker more than the cores warns)
+        torch.utils.data.DataLoader(range(4), num_workers=len(os.sched_getaffinity(0)) + 1) \
+            .check_worker_number_rationality()
+
