@@ -181,3 +181,35 @@ def test_the_default_loader_workers_fit_the_machine(monkeypatch):
         torch.utils.data.DataLoader(range(4), num_workers=len(os.sched_getaffinity(0)) + 1) \
             .check_worker_number_rationality()
 
+
+def test_a_folder_of_small_images_trains_at_their_size(image_folder, tmp_path, capsys):
+    """--dataset folder without --image-size: images of one size below the folder default (224 px) train at
+    their own size (with the CIFAR stem at <= 64 px), said in one line; several sizes keep 224, said too;
+    large images and an explicit --image-size say nothing."""
+    import simsiam
+    from common import cli
+    from conftest import write_image_folder
+
+    def parse(root, *argv):
+        args = cli.parse(simsiam.Args, simsiam.PRESETS, ["--dataset", "folder", "--data-dir", str(root), *argv])
+        return args.image_size, capsys.readouterr().out.splitlines()
+    jpegs = write_image_folder(tmp_path / "jpegs", splits=("train",), classes=2, per_class=2, size=32, ext="jpg")
+    size, lines = parse(jpegs)
+    assert size == 32 and lines == [f"--dataset folder: the images of {jpegs / 'train'} are 32x32 px: training at "
+                                    f"--image-size 32, their own size, with the CIFAR stem (pass --image-size to "
+                                    f"choose another)"]
+    assert parse(jpegs, "--image-size", "24") == (24, [])
+    write_image_folder(tmp_path / "jpegs", splits=("train",), classes=1, per_class=2, size=40, ext="jpg")  # class0: 40 px
+    size, lines = parse(jpegs)
+    assert size == 224 and len(lines) == 1 and "several sizes, up to 40 px: training at --image-size 224" in lines[0]
+    large = write_image_folder(tmp_path / "large", splits=("train",), classes=1, per_class=2, size=240)
+    assert parse(large) == (224, [])
+    assert parse(tmp_path / "nowhere") == (224, [])  # (the dataset's own error comes when it is read)
+    # through the real main: the 20-px PNGs of image_folder train at 20 px, with the CIFAR stem
+    run_main(simsiam, "--dataset", "folder", "--data-dir", image_folder, "--epochs", "1", "--max-steps", "1",
+             *[a for a in SMALL if a not in ("--image-size", "16")], "--knn-every", "-1", "--out", tmp_path / "run")
+    assert capsys.readouterr().out.startswith(f"--dataset folder: the images of {image_folder / 'train'} are 20x20")
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["image_size"] == 20
+    backbone = torch.load(tmp_path / "run" / "backbone.pt", weights_only=True)
+    assert backbone["conv1.weight"].shape[-2:] == (3, 3)  # the CIFAR stem
+
