@@ -213,3 +213,33 @@ def test_a_folder_of_small_images_trains_at_their_size(image_folder, tmp_path, c
     backbone = torch.load(tmp_path / "run" / "backbone.pt", weights_only=True)
     assert backbone["conv1.weight"].shape[-2:] == (3, 3)  # the CIFAR stem
 
+
+def test_every_line_and_row_numbers_the_epochs_alike(image_folder, tmp_path, capsys):
+    """The progress lines, the kNN lines, the resume line and metrics.jsonl's `epoch` all give the epoch of the
+    last step, counted from 1 (3 steps an epoch here: steps 1-3 are epoch 1); the report places the rows by
+    step / steps per epoch; the speed has the digits it needs below 100 img/s."""
+    import re
+    import simsiam
+    from common import report
+    out = tmp_path / "run"
+    argv = ["--dataset", "folder", "--data-dir", image_folder, "--epochs", "2", *SMALL, "--knn-every", "1",
+            "--out", out]
+    run_main(simsiam, *argv, "--max-steps", "5")
+    run_main(simsiam, *argv)  # resumed at step 5, inside epoch 2
+    printed = [line for line in capsys.readouterr().out.splitlines() if line.startswith(("epoch", "resumed"))]
+    said = [re.match(r"epoch (\d+)/2 step (\d+)/6(: kNN)?", line) for line in printed]
+    assert [(m[2], m[1], bool(m[3])) if m else line.split(" at ")[1] for m, line in zip(said, printed)] == [
+        ("1", "1", False), ("2", "1", False), ("3", "1", False), ("3", "1", True), ("4", "2", False),
+        ("5", "2", False), ("5", "2", True), "epoch 2, step 5", ("6", "2", False), ("6", "2", True)]
+    rows = metrics(out)
+    assert [(r["step"], r["epoch"]) for r in rows] == [(1, 1), (2, 1), (3, 1), (3, 1), (4, 2), (5, 2), (5, 2),
+                                                       (6, 2), (6, 2)]
+    speeds = [float(line.split(" | ")[1].removesuffix(" img/s")) for line in printed if " img/s" in line]
+    logged = [r["img_per_s"] for r in rows if "img_per_s" in r]
+    assert len(speeds) == len(logged) == 6
+    for shown, value in zip(speeds, logged):  # 3 significant digits below 100 img/s (these run at a few)
+        assert abs(shown - value) <= (0.005 * value if value < 100 else 0.5), (shown, value)
+    config, rows, _ = report.load(out)
+    assert config["steps_per_epoch"] == 3
+    assert report.series(config, rows, "knn_top1")[0] == [1.0, 5 / 3, 2.0]
+    assert "(epoch 2)" in report.row("run", config, rows, {})[5]  # the final kNN's epoch
