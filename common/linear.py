@@ -177,8 +177,7 @@ class Augmented(Dataset):
     def __getitem__(self, key):
         i, seed = key
         image, label = self.base[i]
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
+        with data.seeded(seed):
             return self.transform(image), label
 
 
