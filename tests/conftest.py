@@ -14,7 +14,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 if os.environ.get("PYTEST_XDIST_WORKER"):
-    torch.set_num_threads(1)  # two workers on two cores: a thread each, not four threads fighting for two
+    torch.set_num_threads(1)  # a worker per core (-n auto): a thread each, not N threads in each of N workers
 
 
 def free_port():
