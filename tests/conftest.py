@@ -178,46 +178,57 @@ def two_process_argv(method, folder):
             *TWO_PROCESS_EXTRA[method]]
 
 
-class TorchrunRuns:
-    """One `torchrun --nproc-per-node 2` running `<method>.py two_process_argv(method)` for each method asked
-    for, one after the other in the same two worker processes (tests/several.py): the agent and the workers
-    start once, not once per method (about 30 s of CPU each time). It runs in the background while the tests
-    run their single-process halves; `out(method)` waits for it and returns that method's run directory."""
+def elastic_argv(folder):
+    """simsiam.py for 3 epochs of 3 steps, which tests/test_reliability.py runs straight and with a killed worker."""
+    return ["simsiam.py", "--dataset", "folder", "--data-dir", str(folder), "--epochs", "3", "--knn-every", "0", *SMALL]
 
-    def __init__(self, methods, folder, directory):
-        jobs = [[f"{m}.py", *two_process_argv(m, folder), "--out", str(directory / m)] for m in methods]
+
+TORCHRUN_JOBS = {  # name: the command line of a job of torchrun_runs, given the image folder
+    **{m: lambda folder, m=m: [f"{m}.py", *two_process_argv(m, folder)] for m in TWO_PROCESS_EXTRA},
+    "simsiam-straight": elastic_argv,
+}
+
+
+class TorchrunRuns:
+    """One `torchrun --nproc-per-node 2` running the command lines of TORCHRUN_JOBS asked for, one after the other
+    in the same two worker processes (tests/several.py): the agent and the workers start once, not once per run
+    (about 30 s of CPU each time). It runs in the background while the tests run their single-process halves;
+    `out(name)` waits for it and returns that job's run directory."""
+
+    def __init__(self, names, folder, directory):
+        jobs = [[*map(str, TORCHRUN_JOBS[n](folder)), "--out", str(directory / n)] for n in names]
         (directory / "jobs.json").write_text(json.dumps(jobs))
-        self.methods, self.directory, self.log = list(methods), directory, directory / "log.txt"
+        self.names, self.directory, self.log = list(names), directory, directory / "log.txt"
         with open(self.log, "w") as log:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--master-port",
                  str(free_port()), str(ROOT / "tests" / "several.py"), str(directory / "jobs.json")],
                 cwd=ROOT, env=env(), stdout=log, stderr=subprocess.STDOUT)
 
-    def out(self, method, timeout=900):
+    def out(self, name, timeout=900):
         try:
             self.process.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait()
         log = self.log.read_text()
-        if f"== job {self.methods.index(method)} ok" not in log:
-            raise AssertionError(f"torchrun of {method}.py failed (exit {self.process.returncode}):\n{log}")
-        return self.directory / method
+        if f"== job {self.names.index(name)} ok" not in log:
+            raise AssertionError(f"torchrun job {name} failed (exit {self.process.returncode}):\n{log}")
+        return self.directory / name
 
 
 @pytest.fixture(scope="session")
 def torchrun_runs(request, image_folder, tmp_path_factory):
-    """The TorchrunRuns of the methods whose tests were selected (a `method` parameter, or the marker
-    `two_processes(method)`), started at the first test that asks for it."""
-    methods = []
+    """The TorchrunRuns of the jobs of the selected tests (the marker `torchrun_job(name)`, or the test's
+    `method` parameter), started at the first test that asks for it."""
+    names = []
     for item in request.session.items:
         if "torchrun_runs" in getattr(item, "fixturenames", ()):
-            marker = item.get_closest_marker("two_processes")
-            method = marker.args[0] if marker else item.callspec.params["method"]
-            if method not in methods:
-                methods.append(method)
-    runs = TorchrunRuns(methods, image_folder, tmp_path_factory.mktemp("torchrun"))
+            marker = item.get_closest_marker("torchrun_job")
+            name = marker.args[0] if marker else item.callspec.params["method"]
+            if name not in names:
+                names.append(name)
+    runs = TorchrunRuns(names, image_folder, tmp_path_factory.mktemp("torchrun"))
     yield runs
     if runs.process.poll() is None:
         runs.process.kill()
@@ -225,7 +236,7 @@ def torchrun_runs(request, image_folder, tmp_path_factory):
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "two_processes(method): the test reads that method's run of torchrun_runs")
+    config.addinivalue_line("markers", "torchrun_job(name): the test reads that job of torchrun_runs (TORCHRUN_JOBS)")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -65,7 +65,7 @@ def test_simsiam_synthetic_one_process(tmp_path):  # (the real process: the two-
     check_run(tmp_path, 2)
 
 
-@pytest.mark.two_processes("simclr")
+@pytest.mark.torchrun_job("simclr")
 def test_simclr_one_process_and_torchrun(image_folder, tmp_path, torchrun_runs):
     import simclr
     run_main(simclr, *two_process_argv("simclr", image_folder), "--out", tmp_path / "one")
