@@ -45,14 +45,19 @@ def lars_variant(out):
 
 
 def test_simsiam_image_folder_one_process_then_linear_probe(image_folder, tmp_path):
+    """`python simsiam.py ...`, then `python -m common.linear ...`, both in one process (tests/several.py:
+    each command line as its own process would run it, one start-up of torch)."""
     out = tmp_path / "run"
-    p = run_cli("simsiam.py", "--dataset", "folder", "--data-dir", image_folder, "--epochs", "2",
-                "--max-steps", "4", *SMALL, "--workers", "2", "--out", out)
-    assert "kNN top-1" in p.stdout and "ETA" in p.stdout
+    jobs = [["simsiam.py", "--dataset", "folder", "--data-dir", image_folder, "--epochs", "2", "--max-steps", "4",
+             *SMALL, "--workers", "2", "--out", out],
+            ["-m", "common.linear", "--backbone", out / "backbone.pt", "--protocol", "fast", "--dataset", "folder",
+             "--data-dir", image_folder, "--epochs", "3", "--workers", "0"]]
+    (tmp_path / "jobs.json").write_text(json.dumps([[str(a) for a in job] for job in jobs]))
+    printed = run_cli(ROOT / "tests" / "several.py", tmp_path / "jobs.json").stdout
+    p, probe = printed.split("== job 1: ")
+    assert "kNN top-1" in p and "ETA" in p
     check_run(out, 4)
-    probe = run_cli("-m", "common.linear", "--backbone", out / "backbone.pt", "--protocol", "fast", "--dataset",
-                    "folder", "--data-dir", image_folder, "--epochs", "3", "--workers", "0")
-    assert "linear top-1" in probe.stdout and "(protocol fast: " in probe.stdout
+    assert "linear top-1" in probe and "(protocol fast: " in probe
     result = json.loads((out / "linear.json").read_text())["fast"]
     assert 0.0 <= result["top1"] <= result["top5"] <= 1.0 and result["image_size"] == 16  # the run's, from config.json
     config = json.loads((out / "config.json").read_text())
