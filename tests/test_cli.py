@@ -15,6 +15,9 @@ STATS = {"simsiam": ("std_z", -1.0, 1.0), "simclr": ("pos_sim", 0.0, 10.0), "byo
          "barlow": ("c_diag", 0.0, 1e5), "vicreg": ("std", 0.0, 1e3), "unigrad": ("pos_sim", -1.0, 101.0)}  # a logged stat, the loss's range
 
 
+TWO_PROCESS_LOSS = 1e-5  # relative; measured at most 2.8e-7 (see the tests that use it)
+
+
 def check_run(out, steps, world=1, method="simsiam"):
     rows = metrics(out)
     train = [r for r in rows if "loss" in r]
@@ -79,8 +82,9 @@ def test_simclr_one_process_and_torchrun(image_folder, tmp_path, torchrun_runs):
     two = torchrun_runs.out("simclr")  # torchrun --nproc-per-node=2 simclr.py (the same flags), run beside this test
     check_run(two, 3, world=2, method="simclr")
     one, two = metrics(tmp_path / "one"), metrics(two)
-    # the same samples and views per step on 1 and 2 processes: the first loss agrees to float32 precision
-    assert abs(one[0]["loss"] - two[0]["loss"]) < 1e-4 * abs(one[0]["loss"])
+    # the same samples and views per step on 1 and 2 processes: the first loss agrees to float32 precision,
+    # within 2.8e-7 (relative) measured over 3 seeds and 3 kernel settings (python -m tests.spread torchrun)
+    assert abs(one[0]["loss"] - two[0]["loss"]) < TWO_PROCESS_LOSS * abs(one[0]["loss"])
 
 
 @pytest.mark.parametrize("method", ["byol", "barlow", "vicreg", "unigrad"])
@@ -95,8 +99,9 @@ def test_one_process_and_torchrun_agree(method, image_folder, tmp_path, torchrun
     two = torchrun_runs.out(method)  # torchrun --nproc-per-node=2 <method>.py (the same flags), run beside this test
     check_run(two, 3, world=2, method=method)
     one, two = metrics(tmp_path / "one"), metrics(two)
-    # the same samples and views per step on 1 and 2 processes: the first loss agrees to float32 precision
-    assert abs(one[0]["loss"] - two[0]["loss"]) < 1e-4 * abs(one[0]["loss"])
+    # the same samples and views per step on 1 and 2 processes: the first loss agrees to float32 precision,
+    # within 2.8e-7 (relative) measured over 3 seeds and 3 kernel settings (python -m tests.spread torchrun)
+    assert abs(one[0]["loss"] - two[0]["loss"]) < TWO_PROCESS_LOSS * abs(one[0]["loss"])
 
 
 def test_two_nodes_on_localhost_with_c10d_rendezvous(tmp_path):

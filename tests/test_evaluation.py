@@ -119,8 +119,9 @@ def test_two_processes_give_the_one_process_result(separable, straight, gloo, tm
     assert one_fast["top1"] > 0.6
     (two_std, two_fast), fc = gloo(2).run(_two_ranks, *map(str, separable), str(tmp_path / "two"))[0]
     one_fc = torch.load(straight[1] / "linear-standard.pt", weights_only=True)["fc"]
-    for name in one_fc:
-        torch.testing.assert_close(fc[name], one_fc[name], rtol=1e-4, atol=1e-5)
+    for name in one_fc:  # float32 on 1 and 2 processes: at most 3.3e-7 of the largest entry apart, measured over 3
+        # seeds and 3 kernel settings (python -m tests.spread probe); 1e-5 of it allowed
+        torch.testing.assert_close(fc[name], one_fc[name], rtol=0, atol=1e-5 * one_fc[name].abs().max().item())
     assert two_std["top1"] == straight[0]["top1"] and two_fast["top1"] == one_fast["top1"]
     assert two_std["test_images"] == two_fast["test_images"] == 64
 
