@@ -12,13 +12,16 @@ worst case over all of them and every method:
 - channels_last alone, in float64: loss within 2.6e-14 and gradient within 8.4e-14 (relative norm) of the
   default layout; allowed 1e-10. A layout-dependent error shows here, exactly.
 - float32 in either layout: loss within 5.3e-6 of float64 (relative to |loss| + 0.01, for losses near 0),
-  gradient within 5.4e-3 (MoCo v2 and BYOL, whose BatchNorm over 16 samples of 8-px images amplifies
-  rounding; 2e-6 to 1.5e-5 for the others); allowed 2e-5 and 2e-2.
+  gradient within 5.4e-3 (MoCo v1, MoCo v2 and BYOL, whose BatchNorm over 16 samples of 8-px images amplifies
+  rounding at some inputs; 2e-6 to 1.5e-5 for the others); allowed 2e-5 and 2e-2.
 - bf16 autocast in channels_last: loss within 0.060 of float64 (relative to |loss| + 0.01; SimSiam and MoCo v2,
   0.001-0.026 for the others), the cosine between the gradients (all parameters, flattened) at least 0.741
   (BYOL with AVX2; 0.87-0.99 for the others); allowed 0.2 and 0.5 (twice the worst 1 − cosine). These catch
   non-finite values, a wrong gradient and a loss left off the GPU path; the dtype checks catch a loss left
-  in bf16, and the float64 check above a wrong layout."""
+  in bf16, and the float64 check above a wrong layout.
+- compiled (aot_eager) against eager, the losses of the command-line test below (SimSiam's, in [-1, 1]): equal
+  at step 1 (the same forward) and within 1.95e-3 at step 2 (`--kernels all compile`, seeds 1-6); allowed
+  1e-6 and 5e-3. (The bound before, 2% of the loss + 1e-3, failed at seed 1 without vector extensions.)"""
 import importlib
 import json
 import math
@@ -33,6 +36,7 @@ from common.device import GpuPath
 from conftest import ROOT, env, metrics
 
 LAYOUT, FLOAT32_LOSS, FLOAT32_GRAD, BF16_LOSS, BF16_COSINE = 1e-10, 2e-5, 2e-2, 0.2, 0.5  # the module docstring
+COMPILED = (1e-6, 5e-3)  # compiled against eager, the losses of steps 1 and 2 (the module docstring)
 
 METHODS = ["mocov1", "mocov2", "simclr", "byol", "simsiam", "barlow", "vicreg", "unigrad"]
 SMALL = {  # tiny heads; MoCo with 2 BN splits so that each holds 8 samples (16 with bn_splits 8 hold 2)
@@ -135,5 +139,5 @@ def test_the_command_line_on_the_gpu_path_with_and_without_compile(image_folder,
         assert 0.0 <= rows[-1]["knn_top1"] <= 1.0  # the monitor ran, under the path's autocast
         ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
         assert ckpt["model"]["backbone.conv1.weight"].is_contiguous(memory_format=torch.channels_last)
-    for eager, compiled in zip(losses["eager"], losses["compiled"]):
-        assert abs(eager - compiled) <= 0.02 * abs(eager) + 1e-3, losses
+    for step, (eager, compiled) in enumerate(zip(losses["eager"], losses["compiled"])):
+        assert abs(eager - compiled) <= COMPILED[step], losses
