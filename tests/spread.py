@@ -6,9 +6,10 @@ seeds and CPU kernels, measured.
 
 CPUs differ in the kernels torch runs: oneDNN (convolutions; bf16 natively where the CPU has it) picks
 AVX-512, AVX2 or SSE4.1 code, and ATen's own vectorised loops AVX-512, AVX2 or none. A tolerance
-measured on one machine can fail on another (a channels_last float32 gradient of BYOL differs from the
-default layout's by 3.6e-3 with AVX-512 and 2e-5 with AVX2), so each is measured here under the three
-settings, the emulated ones through the variables that cap the instruction sets:
+measured on one machine can fail on another (BYOL's float32 gradient in channels_last, 3.6e-3 from float64
+with AVX-512 kernels at tests/test_gpu_path.py's input, failed a bound of 1e-4 measured with AVX2), so each
+is measured here under the three settings, the emulated ones through the variables that cap the
+instruction sets:
 
     native    this machine's own kernels
     avx2      ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2
