@@ -6,6 +6,7 @@ the method's `PRESETS[dataset]`, then the flags given on the command line.
 import argparse
 import dataclasses
 import inspect
+import os
 import typing
 import re
 import signal
@@ -27,6 +28,17 @@ DATASET_DEFAULTS = {
 }
 
 
+def default_workers():
+    """Loader processes per rank that the machine can run: 4, or fewer when this process may use fewer cores
+    than 4 per rank of its node (the cores it may run on, shared by torchrun's LOCAL_WORLD_SIZE ranks); at least
+    1. More than the process's cores makes PyTorch's DataLoader warn, and slows the step it feeds."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # (macOS, Windows)
+        cores = os.cpu_count() or 1
+    return max(1, min(4, cores // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
+
+
 @dataclass
 class System:
     """Flags every method accepts: data, run directory, evaluation and engineering, no paper symbol."""
@@ -35,7 +47,7 @@ class System:
     data_dir: str = "./data"  # dataset root; folder/imagenet expect train/ and val/ (or test/)
     arch: typing.Literal["resnet18", "resnet50"] = "resnet18"  # backbone (CIFAR stem at <= 64 px)
     image_size: int = 32  # crop size in pixels
-    workers: int = 4  # data loader processes per rank
+    workers: int = default_workers()  # data loader processes per rank (4, or fewer on a machine with fewer cores)
     out: str = ""  # run directory (default runs/<method>-<dataset>)
     resume: bool = True  # continue from OUT/checkpoint.pt when it exists
     max_steps: int = 0  # stop after this many optimiser steps (0: run all epochs)
@@ -97,6 +109,8 @@ def parse(Args, presets=None, argv=None):
     dataset = given.get("dataset", getattr(Args, "dataset", None))
     dataset_defaults = DATASET_DEFAULTS.get(dataset, {}) if issubclass(Args, System) else {}  # the methods' flags
     values = {**dataset_defaults, **presets.get(dataset, {}), **given}
+    if dataset == "folder" and "image_size" in dataset_defaults and "image_size" not in given:
+        values["image_size"] = folder_image_size(values.get("data_dir", Args.data_dir), values["image_size"])
     args = Args(**{k: v for k, v in values.items() if k in hints})
     if issubclass(Args, System) and not args.out:
         args.out = f"runs/{method}-{args.dataset}"
@@ -107,6 +121,49 @@ def parse(Args, presets=None, argv=None):
         signal.signal(signal.SIGINT, _interrupted_while_starting)  # Run.batches takes over during training
         sys.excepthook = _one_line_for_bad_sizes
     return args
+
+
+def folder_image_size(root, default, checked=64):
+    """--image-size for a folder dataset when none is given. Up to `checked` images of root/train/ are looked at
+    (their headers only, a few from each class): when they all have one size smaller than `default`, the
+    crop is their own size (CIFAR-10's 32 px JPEGs train at 32 px, with the CIFAR stem, rather than upsampled
+    to 224 px with the ImageNet stem at a quarter of the speed); when they have several sizes, all smaller, the
+    default stays and one line says so. Either way one line tells how to choose. (No folder, or no readable
+    image: the default; the dataset's own error comes later, with its one line.)"""
+    from PIL import Image
+    train = Path(root) / "train"
+    try:
+        classes = sorted(d.path for d in os.scandir(train) if d.is_dir())
+        per_class = max(1, checked // max(1, len(classes)))
+        paths = [f.path for d in classes[:checked] for _, f in zip(range(per_class), os.scandir(d)) if f.is_file()]
+        sizes = set()
+        for path in paths[:checked]:
+            try:
+                with Image.open(path) as image:
+                    sizes.add(image.size)
+            except OSError:  # not an image (a README): not counted
+                pass
+    except OSError:
+        return default
+    if not sizes or max(max(s) for s in sizes) >= default:
+        return default
+    if len(sizes) == 1:
+        (width, height), = sizes
+        size = min(width, height)
+        from common.resnet import uses_cifar_stem
+        stem = "the CIFAR stem" if uses_cifar_stem(size) else "the ImageNet stem"
+        _say(f"--dataset folder: the images of {train} are {width}x{height} px: training at --image-size {size}, "
+             f"their own size, with {stem} (pass --image-size to choose another)")
+        return size
+    largest = max(max(s) for s in sizes)
+    _say(f"--dataset folder: the images of {train} have several sizes, up to {largest} px: training at "
+         f"--image-size {default}, upsampled (pass --image-size to choose another)")
+    return default
+
+
+def _say(line):
+    if os.environ.get("RANK", "0") == "0":  # (before torchrun's process group exists: its variable)
+        print(line, flush=True)
 
 
 def _one_line_for_bad_sizes(kind, error, tb):

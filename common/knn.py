@@ -26,7 +26,7 @@ class Args:
     k: int = 200  # neighbours (the monitor's --knn-k)
     t: float = 0.1  # temperature of the weights exp(cos/t) (the monitor's --knn-t)
     out: str = ""  # where knn.json goes (default: the backbone's directory)
-    workers: int = 4  # data loader processes per rank
+    workers: int = cli.default_workers()  # data loader processes per rank (4, or fewer on a machine with fewer cores)
     device: typing.Literal["auto", "cuda", "cpu"] = "auto"  # auto: cuda when available
 
 

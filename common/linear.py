@@ -113,7 +113,7 @@ class Args:
     out: str = ""  # where linear.json and the checkpoint go (default: the backbone's directory)
     resume: bool = True  # continue from OUT/linear-standard.pt when it exists
     max_steps: int = 0  # stop after this many steps, saving the checkpoint (0: run all epochs)
-    workers: int = 4  # data loader processes per rank
+    workers: int = cli.default_workers()  # data loader processes per rank (4, or fewer on a machine with fewer cores)
     seed: int = 0  # random seed (classifier init, data order, augmentation)
     device: typing.Literal["auto", "cuda", "cpu"] = "auto"  # auto: cuda when available
 
@@ -193,8 +193,7 @@ class Augmented(Dataset):
     def __getitem__(self, key):
         i, seed = key
         image, label = self.base[i]
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
+        with data.seeded(seed):
             return self.transform(image), label
 
 

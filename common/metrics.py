@@ -5,6 +5,8 @@ same scalars in OUT/tensorboard. Rank 0 writes; every rank takes part in the mea
     metrics.record(step, loss, lr=lr, **stats)   # each step: tensors stay on the device
     metrics.flush(step, epoch, ...)              # every --log-every steps: one transfer, a line and a row
     metrics.write({"step": ..., "knn_top1": ...})
+
+A row's `epoch`, as every line prints it, is the epoch its step belongs to, counted from 1 (Run.epoch_number).
 """
 import json
 import time
@@ -59,7 +61,7 @@ class Metrics:
         self.write({"step": step, "epoch": epoch, **values, "img_per_s": speed})
         if dist.is_main():
             shown = " ".join(f"{k} {v:.4g}" for k, v in values.items())
-            print(f"epoch {epoch + 1}/{epochs} step {step}/{total_steps} {shown} | {speed:.0f} img/s "
+            print(f"epoch {epoch}/{epochs} step {step}/{total_steps} {shown} | {rate(speed)} img/s "
                   f"| ETA {int(eta // 3600)}:{time.strftime('%M:%S', time.gmtime(eta))}", flush=True)
 
     def write(self, row):
@@ -73,6 +75,12 @@ class Metrics:
                 if name not in ("step", "epoch", "time"):
                     self._tensorboard.add_scalar(name, value, row["step"])
             self._tensorboard.flush()
+
+
+def rate(per_s):
+    """Images per second to the precision the figure needs: whole numbers from 100 up, 3 significant digits
+    below (1234, 12.3, 0.5), never "0" for a slow but moving run."""
+    return f"{per_s:.0f}" if per_s >= 99.95 else f"{per_s:.3g}"
 
 
 def _tensorboard(directory):

@@ -40,15 +40,19 @@ def load(directory):
     return config, rows, results if isinstance(results, dict) else {}
 
 
-def steps_per_epoch(rows):
-    """Read off the kNN rows written at epoch ends (step = epoch × steps per epoch); None if there are none."""
+def steps_per_epoch(config, rows):
+    """From config.json, where the loop records it; in a run directory written before it did, read off the kNN
+    rows written at epoch ends (step = epoch × steps per epoch, each other row's step//epoch larger: such runs
+    logged the whole epochs done); None if there are none."""
+    if config.get("steps_per_epoch"):
+        return config["steps_per_epoch"]
     candidates = [r["step"] // r["epoch"] for r in rows if "knn_top1" in r and r["epoch"] > 0]
     return min(candidates) if candidates else None
 
 
-def series(rows, key):
+def series(config, rows, key):
     """(epochs, values) of `key`; training rows at fractional epochs (step / steps per epoch)."""
-    per = steps_per_epoch(rows)
+    per = steps_per_epoch(config, rows)
     points = [(r["step"] / per if per else r["epoch"], r[key]) for r in rows if key in r]
     return [p[0] for p in points], [p[1] for p in points]
 
@@ -96,7 +100,7 @@ def figures(runs):
         fig = Figure(figsize=(7, 4.5), layout="constrained")
         ax = fig.add_subplot()
         for name, config, rows, _ in runs:
-            x, y = series(rows, key)
+            x, y = series(config, rows, key)
             if key == "knn_top1":  # in %, the run's kNN protocol in its label
                 y = [100 * v for v in y]
                 label = f"{name} ({config.get('method')}, k {config.get('knn_k', 200)}, t {config.get('knn_t', 0.1)})"
@@ -112,7 +116,7 @@ def figures(runs):
     for i, stat in enumerate(stats):
         ax = fig.add_subplot(len(stats), 1, i + 1)
         for name, config, rows, _ in runs:
-            x, y = series(rows, stat)
+            x, y = series(config, rows, stat)
             if x:
                 ax.plot(x, y, label=f"{name} ({config.get('method')})")
         ax.set(title=f"{stat} (logged by the method beside its loss)", xlabel="epoch", ylabel=stat)

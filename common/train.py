@@ -57,7 +57,8 @@ class Run:
         random.seed(args.seed)
         self.dir = Path(args.out)
         self.checkpoint = self.dir / "checkpoint.pt"
-        self.step = self.epoch = 0
+        self.step = self.epoch = 0  # optimiser steps taken; whole epochs done (the schedules' epoch, from 0)
+        self._resumed = False
         self._knn_data, self._knn_also = None, {}
         if dist.is_main():
             try:
@@ -69,16 +70,22 @@ class Run:
                           f"or delete that checkpoint to start over")
         self._resume = self._read_checkpoint()  # before anything in the run directory changes
         self._saved_at, self._saved_step = time.time(), self._resume["step"] if self._resume else None
-        if dist.is_main():
-            try:
-                (self.dir / "config.json").write_text(json.dumps(
-                    {"method": self.method, "world_size": dist.world(), "command": _command(self.method),
-                     "hardware": _device_name(self.device), "gpu_path": self.gpu.describe(),
-                     **dataclasses.asdict(args)}, indent=2))
-            except OSError as e:
-                dist.fail(f"cannot write to the run directory {self.dir} ({e.strerror}); pass a writable --out")
+        self._write_config()
         self.metrics = Metrics(self.dir, self.device, args.tensorboard)
         dist.barrier()
+
+    def _write_config(self, **extra):
+        """OUT/config.json (rank 0): the method, the world size, the command, the hardware and every flag; the
+        loop adds its steps per epoch, which the report needs to place each row at its fractional epoch."""
+        if not dist.is_main():
+            return
+        try:
+            (self.dir / "config.json").write_text(json.dumps(
+                {"method": self.method, "world_size": dist.world(), "command": _command(self.method),
+                 "hardware": _device_name(self.device), "gpu_path": self.gpu.describe(),
+                 **dataclasses.asdict(self.args), **extra}, indent=2))
+        except OSError as e:
+            dist.fail(f"cannot write to the run directory {self.dir} ({e.strerror}); pass a writable --out")
 
     def autocast(self):
         """bf16 autocast on the GPU path when --amp (the default); nothing on the CPU."""
@@ -141,8 +148,7 @@ class Run:
         rng = ckpt["rng"]
         checkpoint.set_rng_state(rng[dist.rank()] if len(rng) == dist.world() else rng[0])
         self.metrics.drop_after(self.step)  # the rows the interrupted run logged after its checkpoint
-        if dist.is_main():
-            print(f"resumed from {self.checkpoint} at epoch {self.epoch}, step {self.step}", flush=True)
+        self._resumed = True  # said by batches(), which knows the epochs' length
 
     def save(self):
         """Write OUT/checkpoint.pt and OUT/backbone.pt (rank 0), after checking the losses and the weights.
@@ -190,6 +196,9 @@ class Run:
         self.steps_per_epoch = loader.sampler.num_samples // loader.batch_size
         self.total_steps = args.epochs * self.steps_per_epoch
         stop = min(args.max_steps or self.total_steps, self.total_steps)
+        self._write_config(steps_per_epoch=self.steps_per_epoch)
+        if self._resumed and dist.is_main():
+            print(f"resumed from {self.checkpoint} at epoch {self.epoch_number()}, step {self.step}", flush=True)
         self.metrics.start_timer(self.step)
         with self._interrupt_between_steps() as interrupted:
             try:
@@ -275,13 +284,14 @@ class Run:
             self._knn_data = [data.eval_loader(data.Transformed(data.dataset(a.dataset, a.data_dir, split, a.image_size), t),
                                                256, a.workers, self.device) for split in ("train", "test")]
         top1 = evaluate.knn(self.backbone, *self._knn_data, self.gpu, self.args.knn_k, self.args.knn_t)
-        row = {"step": self.step, "epoch": self.epoch, "knn_top1": top1}
+        row = {"step": self.step, "epoch": self.epoch_number(), "knn_top1": top1}
         for key, encoder in self._knn_also.items():
             row[key] = evaluate.knn(encoder, *self._knn_data, self.gpu, self.args.knn_k, self.args.knn_t)
         self.metrics.write(row)
         if dist.is_main():
             also = "".join(f", {key} {100 * row[key]:.2f}%" for key in self._knn_also)
-            print(f"epoch {self.epoch} step {self.step}: kNN top-1 {100 * top1:.2f}%{also}", flush=True)
+            print(f"epoch {row['epoch']}/{self.args.epochs} step {self.step}/{self.total_steps}: kNN top-1 "
+                  f"{100 * top1:.2f}%{also}", flush=True)
 
     def knn_also(self, key, encoder):
         """At each kNN evaluation, also log the kNN top-1 on `encoder`'s output under `key` (a method that
@@ -298,9 +308,15 @@ class Run:
             dist.fail(f"the loss is not finite at step {bad}; stopped without saving, so "
                       f"{self.checkpoint} keeps the last good state (lower --lr, or check the data)")
 
+    def epoch_number(self):
+        """The epoch the last step taken belongs to, counted from 1: steps 1..S are epoch 1 (S steps per epoch).
+        Every line the run prints and every metrics.jsonl row say this number (a kNN evaluation after step S
+        reads "epoch 1", as the progress line of step S did); 0 before the first step."""
+        return -(-self.step // self.steps_per_epoch)
+
     def _flush(self):
         self._check_finite()
-        self.metrics.flush(self.step, self.epoch, self.args.epochs, self.total_steps, self.args.batch_size)
+        self.metrics.flush(self.step, self.epoch_number(), self.args.epochs, self.total_steps, self.args.batch_size)
 
 
 @contextlib.contextmanager

@@ -1,10 +1,13 @@
 """Shared test helpers: small datasets in the real on-disk formats, gloo process groups, the CLI."""
+import fcntl
 import json
 import os
 import pickle
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +17,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 if os.environ.get("PYTEST_XDIST_WORKER"):
-    torch.set_num_threads(1)  # two workers on two cores: a thread each, not four threads fighting for two
+    torch.set_num_threads(1)  # a worker per core (-n auto): a thread each, not N threads in each of N workers
 
 
 def free_port():
@@ -110,10 +113,13 @@ def _serve(rank, world, port, inbox, outbox):
 
 
 class Gloo:
-    """`world` gloo processes started once and reused by every test (each start imports torch)."""
+    """`world` gloo processes started once and reused by every test. They are forked from a server process
+    that imported torch, torchvision and the project once (multiprocessing's forkserver): a process that
+    imports them itself spends about 10 s of CPU doing so."""
 
     def __init__(self, world):
-        ctx = torch.multiprocessing.get_context("spawn")
+        ctx = torch.multiprocessing.get_context("forkserver")
+        ctx.set_forkserver_preload(["torch", "torchvision", "common.train", "conftest"])
         self.world, self.outbox = world, ctx.Queue()
         self.inboxes = [ctx.Queue() for _ in range(world)]
         port = free_port()
@@ -163,9 +169,101 @@ def run_main(module, *argv):
     return module.main(cli.parse(module.Args, getattr(module, "PRESETS", {}), [str(a) for a in argv]))
 
 
+# --- one torchrun launch for the runs on two processes ----------------------------------------------
+
+TWO_PROCESS_EXTRA = {"simclr": [], "byol": [], "barlow": [], "vicreg": [], "unigrad": [], "mocov1": ["--K", "16"],
+                     "mocov2": ["--K", "16"]}
+
+
+def two_process_argv(method, folder):
+    """The command line that tests/test_cli.py and tests/test_moco.py run on one process and on two."""
+    return ["--dataset", "folder", "--data-dir", str(folder), "--epochs", "2", "--max-steps", "3", *SMALL,
+            *TWO_PROCESS_EXTRA[method]]
+
+
+def elastic_argv(folder):
+    """simsiam.py for 3 epochs of 3 steps, which tests/test_reliability.py runs straight and with a killed worker."""
+    return ["simsiam.py", "--dataset", "folder", "--data-dir", str(folder), "--epochs", "3", "--knn-every", "0", *SMALL]
+
+
+TORCHRUN_JOBS = {  # name: the command line of a job of torchrun_runs, given the image folder
+    **{m: lambda folder, m=m: [f"{m}.py", *two_process_argv(m, folder)] for m in TWO_PROCESS_EXTRA},
+    "simsiam-straight": elastic_argv,
+}
+
+
+class TorchrunRuns:
+    """One `torchrun --nproc-per-node 2` running the command lines of TORCHRUN_JOBS asked for, one after the other
+    in the same two worker processes (tests/several.py): the agent and the workers start once, not once per run
+    (about 30 s of CPU each time). It runs in the background while the tests run their single-process halves,
+    and every pytest-xdist worker shares it: the first to ask starts it (under a file lock in the directory the
+    workers share), the others find it started; `out(name)` waits for its end, as its exit file tells, and
+    returns that job's run directory."""
+
+    def __init__(self, names, folder, directory):
+        self.names, self.directory, self.log, self.exit = list(names), directory, directory / "log.txt", directory / "exit"
+        self.process = None
+        directory.mkdir(exist_ok=True)
+        with open(directory / "lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if (directory / "jobs.json").exists():  # another worker started it
+                return
+            jobs = [[*map(str, TORCHRUN_JOBS[n](folder)), "--out", str(directory / n)] for n in names]
+            (directory / "jobs.json").write_text(json.dumps(jobs))
+            with open(self.log, "w") as log:  # (sh records torchrun's exit status for every worker to read)
+                self.process = subprocess.Popen(
+                    ["/bin/sh", "-c", '"$@"; echo $? > "$0"', str(self.exit), sys.executable, "-m",
+                     "torch.distributed.run", "--nproc-per-node=2", "--master-port", str(free_port()),
+                     str(ROOT / "tests" / "several.py"), str(directory / "jobs.json")],
+                    cwd=ROOT, env=env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def wait(self, timeout=900):
+        """Until torchrun has ended; False if it has not within `timeout` seconds."""
+        deadline = time.time() + timeout
+        while not self.exit.exists() and time.time() < deadline:
+            time.sleep(0.2)
+        return self.exit.exists()
+
+    def out(self, name):
+        if not self.wait():
+            raise AssertionError(f"torchrun has not ended after 900 s:\n{self.log.read_text()}")
+        log = self.log.read_text()
+        if f"== job {self.names.index(name)} ok" not in log:
+            raise AssertionError(f"torchrun job {name} failed (exit {self.exit.read_text().strip()}):\n{log}")
+        return self.directory / name
+
+
+@pytest.fixture(scope="session")
+def torchrun_runs(request, image_folder, tmp_path_factory):
+    """The TorchrunRuns of the jobs of the selected tests (the marker `torchrun_job(name)`, or the test's
+    `method` parameter), started at the first test that asks for it, in any worker. (Every worker collects
+    every test, so all compute the same jobs.)"""
+    names = []
+    for item in request.session.items:
+        if "torchrun_runs" in getattr(item, "fixturenames", ()):
+            marker = item.get_closest_marker("torchrun_job")
+            name = marker.args[0] if marker else item.callspec.params["method"]
+            if name not in names:
+                names.append(name)
+    shared = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        shared = shared.parent  # the directory of this run's workers
+    runs = TorchrunRuns(names, image_folder, shared / "torchrun")
+    yield runs
+    if runs.process is not None and not runs.wait():  # the starter waits for the end: other workers read it
+        os.killpg(runs.process.pid, signal.SIGKILL)
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "torchrun_job(name): the test reads that job of torchrun_runs (TORCHRUN_JOBS)")
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups (its worker adds them to the node ids)
 def pytest_collection_modifyitems(config, items):
-    """Under pytest-xdist (--dist loadgroup), tests sharing an expensive session fixture run on one
-    worker, which then starts it once: the gloo process groups, the extracted CIFAR-10 subset."""
+    """Under pytest-xdist (--dist loadgroup), tests sharing a session fixture run on one worker, which then
+    starts it once: the gloo process groups, the extracted CIFAR-10 subset. (A hint only: pytest-xdist 3.8
+    cannot rename pytest 9's node ids, where it records the groups, so that each worker may start them; the
+    gloo groups start in a second, and the torchrun launch is shared across workers by itself.)"""
     for item in items:
         for fixture, group in (("gloo", "gloo"), ("cifar_subset", "learning")):
             if fixture in getattr(item, "fixturenames", ()):

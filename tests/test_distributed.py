@@ -151,12 +151,17 @@ def test_views_are_a_function_of_the_seed_only():
     base = [(torch.rand(3, 12, 12), 0)]
     t = v2.Compose([v2.RandomResizedCrop(8, antialias=True), v2.RandomHorizontalFlip()])
     views = data.Views(base, t, t)
+    caller = torch.get_rng_state()
     a1, a2 = views[(0, 123)]
+    assert torch.equal(torch.get_rng_state(), caller)  # no loader workers: the loop's generator is untouched
     torch.rand(5)  # the caller's generator moves on: no effect on the views
     b1, b2 = views[(0, 123)]
     c1, _ = views[(0, 124)]
     assert torch.equal(a1, b1) and torch.equal(a2, b2) and not torch.equal(a1, c1)
     assert not torch.equal(a1, a2)  # the two views draw different parameters
+    with torch.random.fork_rng(devices=[]):  # the views of a seed are those torch.manual_seed(seed) gives,
+        torch.manual_seed(123)  # as before data.seeded: a run resumes with the same views
+        assert torch.equal(t(base[0][0]), a1) and torch.equal(t(base[0][0]), a2)
 
 
 def _barlow_official_gradients(rank, world, y1, y2, args):

@@ -73,24 +73,35 @@ def test_flip_grayscale_solarize_normalize_equal_torchvision_exactly():
 
 
 def test_jitter_ops_match_torchvision_with_per_sample_factors():
-    x = torch.rand(32, 3, 8, 8, generator=gen(1))
+    """In float64, where the two implementations may differ by rounding only (~1e-15 measured; 1e-12 allowed)
+    and a wrong formula shows however small. (torchvision's adjust_hue computes in float32 whatever the input:
+    its own HSV conversions, run in float64, are the reference for hue.)"""
+    from torchvision.transforms.v2.functional import _color
+    x = torch.rand(32, 3, 8, 8, generator=gen(1), dtype=torch.float64)
     x[0] = 0.5  # grey: hue and saturation undefined
-    factor = torch.rand(32, generator=gen(2)) * 1.6
+    factor = torch.rand(32, generator=gen(2), dtype=torch.float64) * 1.6
     for ours, theirs in [(ga.adjust_brightness, TF.adjust_brightness), (ga.adjust_contrast, TF.adjust_contrast),
                          (ga.adjust_saturation, TF.adjust_saturation)]:
         expected = torch.stack([theirs(x[i], float(factor[i])) for i in range(32)])
-        torch.testing.assert_close(ours(x, factor.view(-1, 1, 1, 1)), expected, rtol=0, atol=1e-6)
-    hue = torch.rand(32, generator=gen(3)) - 0.5
-    expected = torch.stack([TF.adjust_hue(x[i], float(hue[i])) for i in range(32)])
-    torch.testing.assert_close(ga.adjust_hue(x, hue.view(-1, 1, 1, 1)), expected, rtol=0, atol=1e-5)
+        torch.testing.assert_close(ours(x, factor.view(-1, 1, 1, 1)), expected, rtol=0, atol=1e-12)
+
+    def adjust_hue(image, hue_factor):  # TF.adjust_hue's body without its cast to float32
+        h, s, v = _color._rgb_to_hsv(image).unbind(dim=-3)
+        return _color._hsv_to_rgb(torch.stack(((h + hue_factor).remainder(1.0), s, v), dim=-3))
+    hue = torch.rand(32, generator=gen(3), dtype=torch.float64) - 0.5
+    expected = torch.stack([adjust_hue(x[i], float(hue[i])) for i in range(32)])
+    torch.testing.assert_close(ga.adjust_hue(x, hue.view(-1, 1, 1, 1)), expected, rtol=0, atol=1e-12)
+    x32 = x[1:4].float()  # (and that reference is torchvision's adjust_hue: in float32, the same operations)
+    assert torch.equal(torch.stack([adjust_hue(x32[i], float(hue[i + 1])) for i in range(3)]),
+                       torch.stack([TF.adjust_hue(x32[i], float(hue[i + 1])) for i in range(3)]))
 
 
 def test_blur_matches_torchvision_per_sigma():
-    x = torch.rand(8, 3, 16, 16, generator=gen(4))
-    sigma = torch.rand(8, generator=gen(5)) * 1.9 + 0.1
+    x = torch.rand(8, 3, 16, 16, generator=gen(4), dtype=torch.float64)  # float64: rounding ~1e-15 (measured)
+    sigma = torch.rand(8, generator=gen(5), dtype=torch.float64) * 1.9 + 0.1
     for kernel in [(3, 3), (5, 7), (23, 23)]:
         expected = torch.stack([TF.gaussian_blur(x[i], list(kernel), [float(sigma[i])] * 2) for i in range(8)])
-        torch.testing.assert_close(ga.gaussian_blur(x, kernel, sigma), expected, rtol=0, atol=1e-6)
+        torch.testing.assert_close(ga.gaussian_blur(x, kernel, sigma), expected, rtol=0, atol=1e-12)
 
 
 @pytest.mark.parametrize("mode", [v2.InterpolationMode.BILINEAR, v2.InterpolationMode.BICUBIC])
@@ -181,6 +192,7 @@ def test_jitter_factors_are_uniform_in_torchvision_ranges():
         return recover(ga.color_jitter(x, gen(13), (jitter.brightness, jitter.contrast, jitter.saturation, jitter.hue)))
 
     b = factors(v2.ColorJitter(brightness=0.4), (0.5, 0.5, 0.5), lambda y: y[:, 0, 0, 0] / 0.5)
+    # (1e-6: the factor is read back from float32 pixels, each within 6e-8 of its value)
     assert 0.6 - 1e-6 <= b.min() and b.max() <= 1.4 + 1e-6 and ks_uniform(b, 0.6, 1.4) < limit
     mean = (0.2989 + 0.587 + 0.114) * (3 * 0.5 + 0.3) / 4  # of the grayscale image
     c = factors(v2.ColorJitter(contrast=0.4), (0.5, 0.5, 0.5), lambda y: (y[:, 0, 0, 0] - mean) / (0.5 - mean))
@@ -198,6 +210,7 @@ def test_jitter_order_is_random_per_sample():
     n = 4000
     x = torch.tensor([0.8, 0.2, 0.2]).view(1, 3, 1, 1).expand(n, 3, 1, 1)
     y = ga.color_jitter(x, gen(14), ((2.0, 2.0), None, (0.0, 0.0), None))
+    # isclose's rtol 1e-5 over float32 pixels (rounding 6e-8): the two orders' values differ by 0.2
     brightness_first = torch.isclose(y[:, 0, 0, 0], torch.tensor(0.2989 + 0.587 * 0.4 + 0.114 * 0.4))
     saturation_first = torch.isclose(y[:, 0, 0, 0], torch.tensor(2 * (0.2989 * 0.8 + 0.587 * 0.2 + 0.114 * 0.2)))
     assert (brightness_first | saturation_first).all()

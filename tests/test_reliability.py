@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import simsiam
-from conftest import ROOT, SMALL, env, free_port, metrics, run_main
+from conftest import ROOT, SMALL, elastic_argv, env, free_port, metrics, run_main
 from test_cli import check_run
 from test_resume import _sigint_inside_step, state
 
@@ -86,12 +86,13 @@ def _children(pid):
     return found
 
 
-def test_torchrun_restarts_a_killed_worker_and_the_run_resumes_exactly(image_folder, tmp_path):
+@pytest.mark.torchrun_job("simsiam-straight")
+def test_torchrun_restarts_a_killed_worker_and_the_run_resumes_exactly(image_folder, tmp_path, torchrun_runs):
     """A worker SIGKILLed after the first checkpoint: torchrun's agent (--max-restarts) starts the workers
-    again, they resume by themselves, and the run ends with the weights of one that was never interrupted,
-    each step once in metrics.jsonl."""
-    argv = ["simsiam.py", "--dataset", "folder", "--data-dir", str(image_folder), "--epochs", "3", "--knn-every", "0",
-            *map(str, SMALL)]
+    again, they resume by themselves, and the run ends with the weights of one that was never interrupted
+    (the same command, run by the shared torchrun launch of tests/conftest.py), each step once in
+    metrics.jsonl."""
+    argv = [str(a) for a in elastic_argv(image_folder)]
 
     def launch(out):
         # the c10d rendezvous, as on a cluster (getting-started.md); on the CPU's gloo the first restart's
@@ -100,7 +101,7 @@ def test_torchrun_restarts_a_killed_worker_and_the_run_resumes_exactly(image_fol
                                  "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{free_port()}", f"--rdzv-id={out.name}",
                                  *argv, "--out", str(out)],
                                 cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    straight, elastic = launch(tmp_path / "straight"), launch(tmp_path / "elastic")
+    elastic = launch(tmp_path / "elastic")
     deadline, killed = time.time() + 300, None
     while killed is None and time.time() < deadline and elastic.poll() is None:
         if (tmp_path / "elastic" / "checkpoint.pt").exists():  # the first epoch end (step 3 of 9)
@@ -109,17 +110,18 @@ def test_torchrun_restarts_a_killed_worker_and_the_run_resumes_exactly(image_fol
             if killed:
                 os.kill(killed, signal.SIGKILL)
         time.sleep(0.05)
-    logs = {name: p.communicate(timeout=400)[0] for name, p in [("straight", straight), ("elastic", elastic)]}
-    assert straight.returncode == 0 and elastic.returncode == 0, logs
-    assert killed and "resumed from" in logs["elastic"], logs["elastic"]
-    a, b = state(tmp_path / "straight"), state(tmp_path / "elastic")
+    log = elastic.communicate(timeout=400)[0]
+    assert elastic.returncode == 0, log
+    assert killed and "resumed from" in log, log
+    straight = torchrun_runs.out("simsiam-straight")
+    a, b = state(straight), state(tmp_path / "elastic")
     assert a["step"] == b["step"] == 9
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
     steps = [r["step"] for r in metrics(tmp_path / "elastic") if "loss" in r]
     assert steps == list(range(1, 10))  # none lost, none repeated
-    check_run(tmp_path / "straight", 9, world=2)  # and simsiam.py under torchrun, as tests/test_cli.py checks runs
-    assert json.loads((tmp_path / "straight" / "config.json").read_text())["command"].startswith(
+    check_run(straight, 9, world=2)  # and simsiam.py under torchrun, as tests/test_cli.py checks runs
+    assert json.loads((straight / "config.json").read_text())["command"].startswith(
         "torchrun --nproc-per-node=2 simsiam.py --dataset folder")
 
 
