@@ -470,8 +470,9 @@ def pytest(tree, tests, timeout):
 
 
 def first_failure(output):
-    found = re.findall(r"^(?:FAILED|ERROR) (\S+)", output, re.MULTILINE)
-    return found[0] if found else ""
+    """The first failing test and the start of its message, from pytest's short summary (-ra)."""
+    found = re.findall(r"^(?:FAILED|ERROR) (.+)$", output, re.MULTILINE)
+    return found[0][:240] if found else ""
 
 
 def run_one(mutant, tree, timeout):

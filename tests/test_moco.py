@@ -182,7 +182,7 @@ def test_queue_size_not_a_multiple_of_the_batch(image_folder, tmp_path):
                                  "batches (MoCo's official code asserts the same)")
 
 
-@pytest.mark.parametrize("module", [mocov1, mocov2])
+@pytest.mark.parametrize("module", [mocov1, mocov2], ids=["mocov1", "mocov2"])
 def test_split_bn_of_each_file_keeps_the_statistics_of_every_sub_batch_in_the_real_forward(module):
     """Each file's own SplitBatchNorm (shared by design, so each copy is tested), through the model's real
     forward on one process: the query encoder's first BN normalises each interleaved sub-batch by its own
@@ -213,7 +213,7 @@ def test_split_bn_of_each_file_keeps_the_statistics_of_every_sub_batch_in_the_re
     torch.testing.assert_close(bn.running_var, (1 - m) * var0 + m * sum(t.var((0, 2, 3)) for t in sub) / S)
 
 
-@pytest.mark.parametrize("module", [mocov1, mocov2])
+@pytest.mark.parametrize("module", [mocov1, mocov2], ids=["mocov1", "mocov2"])
 def test_forward_moves_the_key_encoder_by_eq2_before_it_computes_the_keys(module):
     """The real forward with a query encoder that differs from the key encoder (as after any step): θ_k ←
     m·θ_k + (1 − m)·θ_q happens first, and the keys enqueued are those of the moved key encoder (official

@@ -270,7 +270,7 @@ class _Built(Exception):
     """Raised by the test below once main() has built its two-view dataset."""
 
 
-@pytest.mark.parametrize("module", [byol, barlow, vicreg])
+@pytest.mark.parametrize("module", [byol, barlow, vicreg], ids=["byol", "barlow", "vicreg"])
 def test_main_builds_the_two_asymmetric_views_of_the_paper(module, monkeypatch, image_folder, tmp_path):
     """main() itself, with the ImageNet recipe: the dataset of two views it builds pairs view 1 (blur 1.0,
     no solarization) with view 2 (blur 0.1, solarization 0.2), BYOL Table 6. A main() that builds both views
