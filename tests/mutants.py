@@ -460,7 +460,7 @@ def pytest(tree, tests, timeout):
     """Run the node IDs in `tree` (pytest -x, no xdist, quiet); (exit status, output, seconds). 124 on a timeout."""
     command = [sys.executable, "-m", "pytest", "-x", "-q", "--no-header", "-p", "no:cacheprovider", "-n", "0",
                "-o", "addopts=-ra", *tests]
-    env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1", PYTHONPATH=str(tree))
+    env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1", PYTHONPATH=str(tree), COLUMNS="400")  # (whole summary lines)
     env.pop("PYTEST_XDIST_WORKER", None)
     start = time.time()
     p = subprocess.Popen(command, cwd=tree, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
