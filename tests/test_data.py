@@ -80,3 +80,98 @@ def test_knn_weighting_follows_exp_sim_over_t():
     # weights: exp(0.9988/0.1) ≈ 21,600 for class 1 against 3·exp(0) = 3 for class 0
     assert evaluate.knn_predict(query, memory, labels, k=4, t=0.1).item() == 1
     assert evaluate.knn_predict(query, memory, labels, k=4, t=100.0).item() == 0  # near-uniform weights
+
+
+# --- the data pipeline and the kNN monitor through the real loop ------------------------------------
+
+def _record_the_loop(monkeypatch):
+    """Wrap simsiam.build_model and ImageFolder.__getitem__: the two views of every step as the model sees
+    them, and the order in which the loop's Views read the images (workers 0: the order of the batches)."""
+    steps, order = [], []
+    build, getitem = simsiam.build_model, torchvision.datasets.ImageFolder.__getitem__
+
+    def build_model(args):
+        model = build(args)
+        model.register_forward_pre_hook(lambda m, inputs: steps.append([x.detach().clone() for x in inputs]))
+        return model
+    monkeypatch.setattr(simsiam, "build_model", build_model)
+    monkeypatch.setattr(torchvision.datasets.ImageFolder, "__getitem__",
+                        lambda self, i: (order.append(i), getitem(self, i))[1])
+    return steps, order
+
+
+def test_each_epoch_of_the_loop_draws_a_new_order_and_new_views(monkeypatch, image_folder, tmp_path):
+    """simsiam.py's real loop, two epochs of the 24 images in batches of 8. Each epoch visits every image once,
+    in a new order (the sampler's set_epoch); an image's two views are two draws of the augmentation, and its
+    views in epoch 2 are not those of epoch 1 (each sample's seed depends on the epoch). A loop that ignores the
+    epoch, a Views that returns one draw twice, or a per-sample seed without the epoch fails here."""
+    steps, order = _record_the_loop(monkeypatch)
+    run_main(simsiam, "--dataset", "folder", "--data-dir", image_folder, *SMALL, "--image-size", "8", "--epochs", "2",
+             "--knn-every", "-1", "--dim", "16", "--pred-dim", "8", "--out", tmp_path)
+    assert len(steps) == 6 and len(order) == 48  # 3 steps of 8 per epoch
+    epochs = [order[:24], order[24:]]
+    assert all(sorted(e) == list(range(24)) for e in epochs)  # every image once per epoch
+    assert epochs[0] != epochs[1]  # a new order in the second epoch
+    views = {}  # image index -> [(view 1, view 2) in epoch 1, ... in epoch 2]
+    for s, (x1, x2) in enumerate(steps):
+        for j in range(len(x1)):
+            views.setdefault(order[8 * s + j], []).append((x1[j], x2[j]))
+    for i, ((a1, a2), (b1, b2)) in views.items():
+        assert not torch.equal(a1, a2) and not torch.equal(b1, b2), f"image {i}: its two views are one draw"
+        assert not torch.equal(a1, b1) and not torch.equal(a2, b2), f"image {i}: the same views in both epochs"
+
+
+def test_the_knn_monitor_votes_on_eval_mode_features_of_unaugmented_images(monkeypatch, image_folder, tmp_path):
+    """The kNN monitor of the real loop (one step, then the final evaluation, --knn-k 5 --knn-t 0.5): its memory
+    and queries are the L2-normalised features, in eval mode (BatchNorm's running statistics), of the training
+    and test images resized and centre-cropped without augmentation, written out here from torchvision (not
+    common.data); the vote gets the run's k and t; and the evaluation leaves the backbone as it found it (its
+    running statistics unmoved, its mode restored). A monitor in training mode (batch statistics, running
+    statistics moved by the evaluation), an augmented memory bank, or a vote that drops --knn-t fails here."""
+    import copy
+
+    from torchvision.transforms import v2
+    calls, knn, knn_predict = [], evaluate.knn, evaluate.knn_predict
+
+    def recorded_knn(backbone, *args, **kwargs):
+        before = copy.deepcopy(backbone)
+        top1 = knn(backbone, *args, **kwargs)
+        calls.append({"before": before, "after": copy.deepcopy(backbone), "top1": top1})
+        return top1
+
+    def recorded_predict(queries, memory, memory_labels, k=200, t=0.1, num_classes=None, chunk=512):
+        predictions = knn_predict(queries, memory, memory_labels, k, t, num_classes, chunk)
+        votes.append({"queries": queries, "memory": memory, "labels": memory_labels, "k": k, "t": t,
+                      "predictions": predictions})
+        return predictions
+    votes = []
+    monkeypatch.setattr(evaluate, "knn", recorded_knn)
+    monkeypatch.setattr(evaluate, "knn_predict", recorded_predict)
+    run_main(simsiam, "--dataset", "folder", "--data-dir", image_folder, *SMALL, "--image-size", "8", "--epochs", "1",
+             "--max-steps", "1", "--knn-every", "0", "--knn-k", "5", "--knn-t", "0.5", "--dim", "16", "--pred-dim", "8",
+             "--out", tmp_path)
+    assert len(calls) == len(votes) == 1
+    call, vote = calls[0], votes[0]
+    before, after = call["before"], call["after"]
+    assert before.training and after.training  # the loop's mode, restored after the evaluation
+    for (name, a), b in zip(before.state_dict().items(), after.state_dict().values()):
+        assert torch.equal(a, b), f"the evaluation changed {name}"
+    assert (vote["k"], vote["t"]) == (5, 0.5)  # the run's --knn-k and --knn-t
+    # the features: eval mode, no augmentation, in float64 from the backbone as the evaluation found it
+    reference = before.double().eval()
+    mean, std = data.IMAGENET_MEAN_STD  # --dataset folder
+    transform = v2.Compose([v2.Resize(8), v2.CenterCrop(8), v2.ToImage(), v2.ToDtype(torch.float64, scale=True),
+                            v2.Normalize(mean, std)])
+    for split, features, labels in [("train", vote["memory"], vote["labels"]), ("test", vote["queries"], None)]:
+        folder = torchvision.datasets.ImageFolder(image_folder / split)
+        images = torch.stack([transform(folder.loader(path)) for path, _ in folder.samples])
+        with torch.no_grad():
+            expected = torch.nn.functional.normalize(reference(images), dim=1)
+        # float32 features against the float64 reference: at most 2.1e-7 measured (3 seeds, both splits, with the
+        # AVX-512, AVX2 and SSE4.1 kernels); a monitor in training mode or on augmented crops is off by far more
+        torch.testing.assert_close(features.double(), expected, rtol=0, atol=1e-4, msg=lambda m: f"{split}: {m}")
+        if labels is not None:
+            assert labels.tolist() == folder.targets
+    test_labels = torchvision.datasets.ImageFolder(image_folder / "test").targets
+    assert call["top1"] == (vote["predictions"] == torch.tensor(test_labels)).double().mean().item()
+    assert metrics(tmp_path)[-1]["knn_top1"] == call["top1"]

@@ -179,3 +179,59 @@ def test_queue_size_not_a_multiple_of_the_batch(image_folder, tmp_path):
         run_main(mocov1, "--dataset", "folder", "--data-dir", image_folder, *SMALL, "--K", "20", "--out", tmp_path)
     assert str(e.value.code) == ("error: --K 20 is not a multiple of --batch-size 8: the queue takes whole "
                                  "batches (MoCo's official code asserts the same)")
+
+
+@pytest.mark.parametrize("module", [mocov1, mocov2], ids=["mocov1", "mocov2"])
+def test_split_bn_of_each_file_keeps_the_statistics_of_every_sub_batch_in_the_real_forward(module):
+    """Each file's own SplitBatchNorm (shared by design, so each copy is tested), through the model's real
+    forward on one process: the query encoder's first BN normalises each interleaved sub-batch by its own
+    statistics, and its running mean and variance move by the average over the sub-batches of their
+    statistics (the official demo's SplitBatchNorm). A copy that keeps only the first sub-batch's statistics
+    fails here. In float64: the tolerance is torch.testing's float64 default."""
+    torch.manual_seed(0)
+    S = 4
+    model = module.build_model(module.Args(image_size=8, dim=16, K=16, bn_splits=S)).double()
+    bn = model.encoder_q[0].bn1
+    assert type(bn) is module.SplitBatchNorm  # this file's own class
+    seen = {}
+
+    def keep(m, inputs, output):  # copies: the ReLU after this BN works in place
+        seen.update(x=inputs[0].detach().clone(), y=output.detach().clone())
+    bn.register_forward_hook(keep)
+    g = torch.Generator().manual_seed(1)
+    x_q, x_k = (torch.randn(8, 3, 8, 8, generator=g, dtype=torch.float64) for _ in range(2))
+    mean0, var0 = bn.running_mean.clone(), bn.running_var.clone()
+    model(x_q, x_k)
+    x = seen["x"]
+    sub = [x[s::S] for s in range(S)]  # sub-batch s: samples s, s + S, ...
+    y_ref = torch.stack([F.batch_norm(t, None, None, bn.weight.detach(), bn.bias.detach(), training=True)
+                         for t in sub], dim=1).flatten(0, 1)
+    torch.testing.assert_close(seen["y"], y_ref)
+    m = bn.momentum
+    torch.testing.assert_close(bn.running_mean, (1 - m) * mean0 + m * sum(t.mean((0, 2, 3)) for t in sub) / S)
+    torch.testing.assert_close(bn.running_var, (1 - m) * var0 + m * sum(t.var((0, 2, 3)) for t in sub) / S)
+
+
+@pytest.mark.parametrize("module", [mocov1, mocov2], ids=["mocov1", "mocov2"])
+def test_forward_moves_the_key_encoder_by_eq2_before_it_computes_the_keys(module):
+    """The real forward with a query encoder that differs from the key encoder (as after any step): θ_k ←
+    m·θ_k + (1 − m)·θ_q happens first, and the keys enqueued are those of the moved key encoder (official
+    builder.py: the momentum update, then the keys). A forward that moves θ_k after the keys, or not at all,
+    enqueues the keys of the old θ_k and fails. (BN over the whole batch, which ShuffleBN's permutation does
+    not change, so that the keys can be computed here without the shuffle.) In float64."""
+    torch.manual_seed(0)
+    model = module.build_model(module.Args(image_size=8, dim=16, K=16, bn_splits=1, m=0.5)).double()
+    with torch.no_grad():
+        for p in model.encoder_q.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    reference = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(1)
+    x_q, x_k = (torch.randn(8, 3, 8, 8, generator=g, dtype=torch.float64) for _ in range(2))
+    model(x_q, x_k)
+    for p_k, p_k0, p_q in zip(model.encoder_k.parameters(), reference.encoder_k.parameters(),
+                              reference.encoder_q.parameters()):
+        torch.testing.assert_close(p_k, 0.5 * p_k0 + 0.5 * p_q)  # Eq. 2 with m = 0.5
+    with torch.no_grad():
+        module.momentum_update(reference.encoder_q, reference.encoder_k, 0.5)
+        k = torch.nn.functional.normalize(reference.encoder_k(x_k), dim=1)
+    torch.testing.assert_close(model.queue[:, :8].T, k)  # the keys of the moved key encoder

@@ -272,3 +272,26 @@ def test_byol_main_moves_the_target_after_each_step_with_the_cosine_tau(monkeypa
             # (2^-24 each) of |ξ| + |θ|; 4 are allowed
             error = (after["target_" + name].double() - expected).abs()
             assert (error <= 4 * 2**-24 * (xi.abs() + theta.abs()).double()).all(), (k, name, error.max())
+
+class _Built(Exception):
+    """Raised by the test below once main() has built its two-view dataset."""
+
+
+@pytest.mark.parametrize("module", [byol, barlow, vicreg], ids=["byol", "barlow", "vicreg"])
+def test_main_builds_the_two_asymmetric_views_of_the_paper(module, monkeypatch, image_folder, tmp_path):
+    """main() itself, with the ImageNet recipe: the dataset of two views it builds pairs view 1 (blur 1.0,
+    no solarization) with view 2 (blur 0.1, solarization 0.2), BYOL Table 6. A main() that builds both views
+    from one pipeline (lucidrains/byol-pytorch#31) fails here. (It stops at the loader: no training.)"""
+    from common import data
+    from conftest import run_main
+    built = []
+
+    def stop(views, *args, **kwargs):
+        built.append(views)
+        raise _Built
+    monkeypatch.setattr(data, "train_loader", stop)
+    with pytest.raises(_Built):
+        run_main(module, "--dataset", "imagenet", "--data-dir", image_folder, "--workers", "0", "--device", "cpu",
+                 "--out", tmp_path)
+    views = built[0]
+    assert [apply_probabilities(views.t1), apply_probabilities(views.t2)] == [(1.0, 0.0), (0.1, 0.2)]

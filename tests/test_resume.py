@@ -182,3 +182,22 @@ def test_ctrl_c_before_training_ends_with_one_line(monkeypatch):
             time.sleep(1)
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+def test_moco_resumes_mid_queue_with_its_queue_and_pointer(image_folder, tmp_path):
+    """MoCo v2 with K = 24 and batches of 8, interrupted after step 1: the pointer then sits mid-queue (8, where
+    the test above, at K 16 and step 4, finds it back at 0). Resumed, the run ends with the weights, queue and
+    pointer of a straight run; a checkpoint without the queue or its pointer (buffers left out of the
+    state_dict) starts the resumed run from a fresh queue or from slot 0, and fails here."""
+    import mocov2
+    argv = ["--dataset", "folder", "--data-dir", image_folder, *ARGS, "--image-size", "8", "--K", "24", "--dim", "16",
+            "--bn-splits", "2"]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    run_main(mocov2, *argv, "--max-steps", "3", "--out", straight)
+    run_main(mocov2, *argv, "--max-steps", "1", "--out", resumed)
+    pointer = state(resumed)["model"].get("queue_ptr")
+    run_main(mocov2, *argv, "--max-steps", "3", "--out", resumed)
+    a, b = state(straight)["model"], state(resumed)["model"]
+    for k in a.keys() & b.keys():
+        assert torch.equal(a[k], b[k]), k  # the queue, and the weights trained against it
+    assert a.keys() == b.keys() and {"queue", "queue_ptr"} <= a.keys() and int(pointer) == 8
