@@ -1,4 +1,4 @@
-"""mkdocs hook: the catalogue of tests/mutants.py as tables, where a page holds `<!-- bugs -->` alone on a line
+"""mkdocs hook: the catalogue of tests/mutants.py, where a page holds `<!-- bugs -->` alone on a line
 (docs/bugs.md). tests/mutants.py imports only the standard library, so the build needs neither torch nor pytest."""
 import importlib.util
 import re

@@ -573,17 +573,19 @@ def link_text(url):
 
 
 def markdown():
-    """The docs page's catalogue: one table per group (docs/bugs_hook.py puts it where the page says)."""
+    """The docs page's catalogue (docs/bugs_hook.py puts it where the page says): per group, one entry per bug,
+    its name in bold, the bug, and a list of what it does to training, where it happened and the catching tests.
+    (Entries, not a table: the tests' names are long identifiers that a table column could only break.)"""
     out = []
     for group in dict.fromkeys(m.group for m in CATALOGUE):
-        out += [f"### {group}", "", "| bug | what it does to training | in the field | caught by |", "|---|---|---|---|"]
+        out += [f"### {group}", ""]
         for m in (m for m in CATALOGUE if m.group == group):
             field = ", ".join(f"[{link_text(u)}]({u})" if u.startswith("http") else u for u in m.field)
-            tests = "<br>".join(f"`{t.split('::')[0].removeprefix('tests/')}::{t.split('::')[1]}`" for t in m.tests)
-            out.append(f"| **{m.name}**: {m.bug} | {m.effect} | {field} | {tests} |")
-        out.append("")
+            out += [f"**{m.name}**: {m.bug}", "", f"- *What it does to training:* {m.effect}",
+                    f"- *In the field:* {field}", "- *Caught by:*"]
+            out += [f"    - `{t.split('::')[0].removeprefix('tests/')}` `{t.split('::')[1]}`" for t in m.tests]
+            out.append("")
     return "\n".join(out)
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -54,7 +54,7 @@ def test_each_entry_names_tests_that_exist(request):
 
 
 def test_the_docs_page_lists_every_entry():
-    """docs/bugs.md generates its tables from the catalogue (docs/bugs_hook.py), and the nav shows the page."""
+    """docs/bugs.md generates its entries from the catalogue (docs/bugs_hook.py), and the nav shows the page."""
     page = (ROOT / "docs" / "bugs.md").read_text(encoding="utf-8")
     assert re.search(r"^<!-- bugs -->$", page, re.MULTILINE)
     tables = mutants.markdown()
