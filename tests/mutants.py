@@ -13,7 +13,7 @@ tracks or would track, as they are in the working tree now) to a temporary direc
 pass there, then applies one entry at a time and runs its tests (pytest -x, no xdist): failing tests are
 "caught", passing ones "survived". The exit status is non-zero if any entry survives, cannot be applied, or
 breaks its tests' collection instead of failing them. It runs outside the default suite (a full run takes
-about half an hour on 2 cores); tests/test_mutants.py checks only the catalogue's shape, at every run.
+about 15 minutes on 2 cores); tests/test_mutants.py checks only the catalogue's shape, at every run.
 
 This module imports nothing outside the standard library: docs/bugs_hook.py reads it to write the docs page.
 """
