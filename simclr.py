@@ -34,8 +34,8 @@ class Args(cli.System):
     lr: float = 1.0  # base lr, scaled lr × N/256 (linear scaling, App. B.1); CIFAR-10: v1 README
     wd: float = 1e-6  # weight decay, BN and biases excluded; CIFAR-10: v1 README (v2 README 1e-4, for v2's 3-layer head)
     tau: float = 0.5  # τ in Eq. 1; CIFAR-10: v1 README (ImageNet 0.1)
-    warmup_epochs: int = 10  # linear warmup, then cosine per step; paper §4 / App. B.1, v1 run.py
-    dim: int = 128  # output dim of the projection head g; paper App. B.2, v1 run.py head_proj_dim
+    warmup_epochs: int = 10  # linear warmup, then cosine per step; paper §2.3 (default setting), v1 run.py
+    dim: int = 128  # output dim of the projection head g; paper §2.3 (default setting), v1 run.py head_proj_dim
     s: float = 0.5  # colour distortion strength; CIFAR-10: v1 README (ImageNet 1.0)
     blur: bool = False  # CIFAR-10: no Gaussian blur at 32 px; v1 README
     crop_min: float = 0.08  # smallest crop area; paper App. A, v1 data_util.py
@@ -178,14 +178,14 @@ def main(args):
     net = dist.unwrap(model)
 
     init_lr = args.lr * args.batch_size / 256  # linear scaling rule; App. B.1
-    # LARS (§2.2): BN parameters and biases (ndim == 1) skip weight decay and the trust ratio; App. B.1.
+    # LARS (§2.2); BN parameters and biases (ndim == 1) skip weight decay and the trust ratio, as in v1 run.py
     # The lr inside the momentum buffer as the official lars_optimizer.py (classic_momentum): v ← m·v + lr·g, w ← w − v
     optimizer = optim.LARS(net.parameters(), lr=init_lr, weight_decay=args.wd, momentum=0.9, lr_in_momentum=True)
     run.watch(model, optimizer, backbone=net.backbone)  # resumes from OUT/checkpoint.pt if there is one
     total, warmup = args.epochs * len(loader), args.warmup_epochs * len(loader)
 
     for x1, x2 in run.batches(loader):
-        lr = optim.warmup_cosine(run.step, total, warmup, init_lr)  # warmup, then cosine per step; App. B.1
+        lr = optim.warmup_cosine(run.step, total, warmup, init_lr)  # warmup, then cosine per step; §2.3
         optim.set_lr(optimizer, lr)
         # --8<-- [start:train-step]
         with run.autocast():
