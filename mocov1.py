@@ -30,9 +30,9 @@ from common.train import Run, fp32
 class Args(cli.System):
     epochs: int = 200  # CIFAR-10: 200 epochs; official CIFAR demo
     batch_size: int = 512  # N, global over all ranks; CIFAR-10: official CIFAR demo
-    lr: float = 0.03  # base lr, scaled lr × N/256 (0.06 at 512: the CIFAR demo); paper §3.3
+    lr: float = 0.03  # base lr, scaled lr × N/256 (0.06 at 512: the CIFAR demo); paper §4
     wd: float = 5e-4  # weight decay on all parameters; CIFAR-10: official CIFAR demo (ImageNet 1e-4)
-    momentum: float = 0.9  # SGD momentum; paper §3.3
+    momentum: float = 0.9  # SGD momentum; paper §4
     dim: int = 128  # feature dim of q and k; paper §3.3
     K: int = 4096  # queue size; CIFAR-10: official CIFAR demo (ImageNet 65536)
     m: float = 0.99  # momentum of the key encoder, Eq. 2; CIFAR-10: official CIFAR demo (ImageNet 0.999)
@@ -41,11 +41,11 @@ class Args(cli.System):
     # (p 0.8, hue 0.1); the v1 paper's step schedule and augmentation are kept, so that this file is MoCo v1
     # and mocov2.py adds only the paper's changes; expected effect: the demo's recipe is MoCo v2's minus its
     # head and blur, so this file should read below the demo's 82.6% kNN; not measured here
-    schedule: str = "120,160"  # lr ×0.1 at these epochs (of 200, scaled to --epochs); paper §3.3
+    schedule: str = "120,160"  # lr ×0.1 at these epochs (of 200, scaled to --epochs); paper §4
     bn_splits: int = 8  # one process: BN over this many sub-batches (SplitBN); official CIFAR demo
 
 
-PRESETS = {  # the paper's ImageNet recipe, §3.3: ResNet-50, 200 epochs, batch 256, lr 0.03
+PRESETS = {  # the paper's ImageNet recipe, §4: ResNet-50, 200 epochs, batch 256, lr 0.03
     "imagenet": dict(arch="resnet50", epochs=200, batch_size=256, wd=1e-4, K=65536, m=0.999, tau=0.07),
 }
 # --8<-- [end:args]
@@ -183,7 +183,7 @@ def main(args):
     model = run.prepare(build_model(args), sync_bn=False)  # per-GPU BN: ShuffleBN needs it, §3.3
     net = dist.unwrap(model)
 
-    init_lr = args.lr * args.batch_size / 256  # paper: 0.03 at batch 256, §3.3
+    init_lr = args.lr * args.batch_size / 256  # paper: 0.03 at batch 256, §4
     optimizer = torch.optim.SGD(net.encoder_q.parameters(), lr=init_lr, momentum=args.momentum, weight_decay=args.wd)
     run.watch(model, optimizer, backbone=net.backbone)  # the queue and its pointer are buffers of the model
     # kNN also on the 128-d output of the query encoder, the official CIFAR demo's monitor (its 82.6% / 88.7%)
@@ -191,7 +191,7 @@ def main(args):
     milestones = [int(e) * args.epochs // 200 for e in args.schedule.split(",")]
 
     for x_q, x_k in run.batches(loader):
-        lr = init_lr * 0.1 ** sum(run.epoch >= e for e in milestones)  # step schedule; paper §3.3
+        lr = init_lr * 0.1 ** sum(run.epoch >= e for e in milestones)  # step schedule; paper §4
         optim.set_lr(optimizer, lr)
         # --8<-- [start:train-step]
         with run.autocast():

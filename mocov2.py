@@ -30,9 +30,9 @@ from common.train import Run, fp32
 class Args(cli.System):
     epochs: int = 200  # CIFAR-10: 200 epochs; official CIFAR demo
     batch_size: int = 512  # N, global over all ranks; CIFAR-10: official CIFAR demo
-    lr: float = 0.03  # base lr, scaled lr × N/256 (0.06 at 512: the CIFAR demo); paper §3.3
+    lr: float = 0.03  # base lr, scaled lr × N/256 (0.06 at 512: the CIFAR demo); paper §4
     wd: float = 5e-4  # weight decay on all parameters; CIFAR-10: official CIFAR demo (ImageNet 1e-4)
-    momentum: float = 0.9  # SGD momentum; paper §3.3
+    momentum: float = 0.9  # SGD momentum; paper §4
     dim: int = 128  # feature dim of q and k; paper §3.3
     K: int = 4096  # queue size; CIFAR-10: official CIFAR demo (ImageNet 65536)
     m: float = 0.99  # momentum of the key encoder, Eq. 2; CIFAR-10: official CIFAR demo (ImageNet 0.999)
@@ -41,7 +41,7 @@ class Args(cli.System):
     bn_splits: int = 8  # one process: BN over this many sub-batches (SplitBN); official CIFAR demo
 
 
-PRESETS = {  # the paper's ImageNet recipe, MoCo v2 §2: ResNet-50, 200 epochs, batch 256, lr 0.03, τ 0.2
+PRESETS = {  # the paper's ImageNet recipe, MoCo v2 §3: ResNet-50, 200 epochs, batch 256, τ 0.2, lr 0.03 (v1's)
     "imagenet": dict(arch="resnet50", epochs=200, batch_size=256, wd=1e-4, K=65536, m=0.999, tau=0.2, blur=True),
 }
 # --8<-- [end:args]
@@ -49,7 +49,7 @@ PRESETS = {  # the paper's ImageNet recipe, MoCo v2 §2: ResNet-50, 200 epochs, 
 
 # --8<-- [start:augment]
 def augment(args):
-    """One view (query and key alike): "aug+", MoCo v2 §2, SimCLR's augmentation with weaker jitter."""
+    """One view (query and key alike): "aug+", MoCo v2 §3, SimCLR's augmentation with weaker jitter."""
     blur = [v2.RandomApply([v2.GaussianBlur(23, sigma=(0.1, 2.0))], p=0.5)] if args.blur else []
     return v2.Compose([
         # differs from official code: the CIFAR demo crops at scale (0.08, 1); the paper's (0.2, 1) is kept at every
@@ -92,7 +92,7 @@ class SplitBatchNorm(nn.BatchNorm2d):
 
 
 def encoder(args, splits):
-    """f: torchvision ResNet with an MLP head, fc → ReLU → fc, no BN; MoCo v2 §2."""
+    """f: torchvision ResNet with an MLP head, fc → ReLU → fc, no BN; MoCo v2 §3."""
     norm = (lambda c: SplitBatchNorm(c, splits)) if splits > 1 else nn.BatchNorm2d
     net = resnet.resnet(args.arch, resnet.uses_cifar_stem(args.image_size), norm_layer=norm)
     return nn.Sequential(net, nn.Linear(net.dim, net.dim), nn.ReLU(inplace=True), nn.Linear(net.dim, args.dim))
@@ -181,7 +181,7 @@ def main(args):
     model = run.prepare(build_model(args), sync_bn=False)  # per-GPU BN: ShuffleBN needs it, §3.3
     net = dist.unwrap(model)
 
-    init_lr = args.lr * args.batch_size / 256  # paper: 0.03 at batch 256, §3.3
+    init_lr = args.lr * args.batch_size / 256  # paper: 0.03 at batch 256, §4
     optimizer = torch.optim.SGD(net.encoder_q.parameters(), lr=init_lr, momentum=args.momentum, weight_decay=args.wd)
     run.watch(model, optimizer, backbone=net.backbone)  # the queue and its pointer are buffers of the model
     # kNN also on the 128-d output of the query encoder, the official CIFAR demo's monitor (its 82.6% / 88.7%)
@@ -190,7 +190,7 @@ def main(args):
     for x_q, x_k in run.batches(loader):
         # differs from official code: the CIFAR demo counts epochs from 1, so its cosine runs one epoch ahead of
         # main_moco.py's (which this follows) and its last epoch trains at lr 0; expected effect: negligible
-        lr = optim.cosine(run.epoch, args.epochs, init_lr)  # cosine per epoch; MoCo v2 §2
+        lr = optim.cosine(run.epoch, args.epochs, init_lr)  # cosine per epoch; MoCo v2 §3
         optim.set_lr(optimizer, lr)
         # --8<-- [start:train-step]
         with run.autocast():

@@ -23,7 +23,7 @@ and a method page walks its whole file, block by block, each block beside its co
 The blocks tile the file: every line after the docstring is shown once, in order, with its own line
 number. `changed-from` marks the lines that differ from another file. In the code shown, `Eq. N`
 links to the display on the page whose \\tag is N, and every other reference to the paper (`§3.3`,
-`App. D`, `Alg. 1`, `Table 6`, `MoCo v2 §2`, ...) to the item of the list under `<!-- cited -->`
+`App. D`, `Alg. 1`, `Table 6`, `MoCo v2 §3`, ...) to the item of the list under `<!-- cited -->`
 that starts with it in bold. Each display `$$ ... \\tag{N} $$` gets the anchor `eq-N` and the list of
 the lines that implement it: the lines whose comments cite `Eq. N`, and the lines that contain the
 texts of a `<!-- implements N "text" ... -->` marker (for forms the code does not cite by number).
