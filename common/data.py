@@ -106,7 +106,8 @@ def _why(e):
 def seeded(seed):
     """torch's CPU generator, which the transforms draw from, seeded with `seed` inside the block; the
     caller's state is back after it. (What torch.random.fork_rng and torch.manual_seed do for the CPU, without
-    their visits to every other device's generators, which cost a loader 15-20% of its samples per second.)"""
+    their visits to every other device's generators, which cost a loader part of its samples per
+    second.)"""
     generator = torch.random.default_generator
     state = generator.get_state()
     generator.manual_seed(seed)
