@@ -26,7 +26,6 @@ from common import cli, data, dist, optim, resnet, tf_image
 from common.train import Run, fp32
 
 
-# --8<-- [start:args]
 @dataclass
 class Args(cli.System):
     epochs: int = 1000  # CIFAR-10: 1000 epochs; solo-learn cifar/byol.yaml (paper: 1000 on ImageNet)
@@ -51,10 +50,8 @@ PRESETS = {  # the paper's ImageNet recipe, §3.3: ResNet-50, LARS lr 0.2 × N/2
     "imagenet": dict(arch="resnet50", epochs=1000, batch_size=4096, lr=0.2, wd=1.5e-6, tau_base=0.996,
                      eta=1e-3, clip_lr=False, blur1=1.0, blur2=0.1, jax_ops=True),
 }
-# --8<-- [end:args]
 
 
-# --8<-- [start:augment]
 def augment(args, blur, solarize):
     """One view, App. B Table 6: the two views differ only in their blur and solarization probabilities."""
     if args.jax_ops:  # ImageNet: the official code's operations (byol/utils/dataset.py, augmentations.py)
@@ -107,10 +104,8 @@ def color_blur_solarize(x, g, blur, solarize, kernel_size):
     x = tf_image.random_apply(lambda x: tf_image.gaussian_blur(x, sigma, kernel_size), x, p=blur, g=g)
     x = tf_image.random_apply(lambda x: torch.where(x < 0.5, x, 1 - x), x, p=solarize, g=g)  # x ≥ 0.5 → 1 − x
     return x.clamp(0, 1)
-# --8<-- [end:augment]
 
 
-# --8<-- [start:model]
 def mlp(in_dim, hidden_dim, out_dim):
     """g and q: Linear → BN → ReLU → Linear, no BN on the output (paper §3.3), no bias there (official code)."""
     return nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.BatchNorm1d(hidden_dim), nn.ReLU(inplace=True),
@@ -144,19 +139,15 @@ class BYOL(nn.Module):
         """Eq. 1, called by the loop after each optimiser step."""
         momentum_update(self.backbone, self.target_backbone, tau)
         momentum_update(self.projector, self.target_projector, tau)
-# --8<-- [end:model]
 
 
-# --8<-- [start:loss]
 def regression_loss(p, z):
     """Eq. 2: ‖p̄ − z̄‖² = 2 − 2·⟨p, z⟩ / (‖p‖·‖z‖) per sample, averaged over the batch."""
     p = F.normalize(fp32(p), dim=1)  # p̄ = q_θ(z_θ) / ‖q_θ(z_θ)‖₂, in float32 under autocast
     z = F.normalize(fp32(z.detach()), dim=1)  # z̄′ = z′_ξ / ‖z′_ξ‖₂, a constant
     return (2 - 2 * (p * z).sum(dim=1)).mean()
-# --8<-- [end:loss]
 
 
-# --8<-- [start:update]
 def target_decay(k, K, tau_base):
     """τ = 1 − (1 − τ_base)·(cos(πk/K) + 1)/2 at step k of K: τ_base at the start, 1 at the end; §3.3."""
     return 1 - (1 - tau_base) * (math.cos(math.pi * k / K) + 1) / 2
@@ -167,7 +158,6 @@ def momentum_update(online, target, tau):
     """Eq. 1: ξ ← τ·ξ + (1 − τ)·θ (parameters; BN running statistics are the target's own)."""
     for theta, xi in zip(online.parameters(), target.parameters()):
         xi.mul_(tau).add_(theta.detach(), alpha=1 - tau)
-# --8<-- [end:update]
 
 
 def build_model(args):
@@ -195,14 +185,12 @@ def main(args):
         lr = optim.warmup_cosine(run.step, total, warmup, init_lr)  # warmup, then cosine per step; §3.3
         optim.set_lr(optimizer, lr)
         tau = target_decay(run.step, total, args.tau_base)  # per step, from the step count: resumes exactly
-        # --8<-- [start:train-step]
         with run.autocast():
             loss, stats = model(x1, x2)  # L^BYOL, Eq. 2 in both directions
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()  # θ ← optimizer(θ, ∇_θ L^BYOL, η), Eq. 3
         net.update_target(tau)  # ξ ← τξ + (1 − τ)θ, Eq. 1, after the optimiser step
-        # --8<-- [end:train-step]
         run.log(loss, lr=lr, tau=tau, **stats)
 
 

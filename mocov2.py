@@ -25,7 +25,6 @@ from common import cli, data, dist, optim, resnet
 from common.train import Run, fp32
 
 
-# --8<-- [start:args]
 @dataclass
 class Args(cli.System):
     epochs: int = 200  # CIFAR-10: 200 epochs; official CIFAR demo
@@ -44,10 +43,8 @@ class Args(cli.System):
 PRESETS = {  # the paper's ImageNet recipe, MoCo v2 §3: ResNet-50, 200 epochs, batch 256, τ 0.2, lr 0.03 (v1's)
     "imagenet": dict(arch="resnet50", epochs=200, batch_size=256, wd=1e-4, K=65536, m=0.999, tau=0.2, blur=True),
 }
-# --8<-- [end:args]
 
 
-# --8<-- [start:augment]
 def augment(args):
     """One view (query and key alike): "aug+", MoCo v2 §3, SimCLR's augmentation with weaker jitter."""
     blur = [v2.RandomApply([v2.GaussianBlur(23, sigma=(0.1, 2.0))], p=0.5)] if args.blur else []
@@ -64,10 +61,8 @@ def augment(args):
         # after the first convolution absorbs; expected effect: none
         data.normalize(args.dataset),
     ])
-# --8<-- [end:augment]
 
 
-# --8<-- [start:model]
 class SplitBatchNorm(nn.BatchNorm2d):
     """BN over `splits` interleaved sub-batches, standing in for S GPUs on one (official CIFAR demo)."""
 
@@ -118,10 +113,8 @@ class MoCo(nn.Module):
         loss = info_nce(q, k, self.queue.clone(), self.tau)  # Eq. 1 against this step's queue
         dequeue_and_enqueue(self.queue, self.queue_ptr, k)
         return loss, {"pos_sim": (q * k).sum(1).mean().detach()}
-# --8<-- [end:model]
 
 
-# --8<-- [start:loss]
 def info_nce(q, k, queue, tau):
     """Eq. 1: L_q = −log exp(q·k₊/τ) / (exp(q·k₊/τ) + Σ_i exp(q·k_i/τ)), k_i the K keys of the queue."""
     with torch.autocast(q.device.type, enabled=False):  # the loss in float32 even under bf16 autocast
@@ -130,10 +123,8 @@ def info_nce(q, k, queue, tau):
         l_neg = q @ queue  # (n, K): q·k_i
         logits = torch.cat([l_pos, l_neg], dim=1) / tau  # (n, 1+K)
         return F.cross_entropy(logits, torch.zeros(len(q), dtype=torch.long, device=q.device))  # positive at 0
-# --8<-- [end:loss]
 
 
-# --8<-- [start:update]
 @torch.no_grad()
 def momentum_update(encoder_q, encoder_k, m):
     """Eq. 2: θ_k ← m·θ_k + (1 − m)·θ_q (parameters; BN statistics are the key encoder's own)."""
@@ -161,7 +152,6 @@ def shuffle(x):
     def unshuffle(k):
         return dist.gather(k)[inverse]  # each key back beside its query
     return x_all[mine], unshuffle
-# --8<-- [end:update]
 
 
 def build_model(args):
@@ -192,13 +182,11 @@ def main(args):
         # main_moco.py's (which this follows) and its last epoch trains at lr 0; expected effect: negligible
         lr = optim.cosine(run.epoch, args.epochs, init_lr)  # cosine per epoch; MoCo v2 §3
         optim.set_lr(optimizer, lr)
-        # --8<-- [start:train-step]
         with run.autocast():
             loss, stats = model(x_q, x_k)  # momentum update, keys, Eq. 1, enqueue
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        # --8<-- [end:train-step]
         run.log(loss, lr=lr, **stats)
 
 

@@ -24,7 +24,6 @@ from common import cli, data, dist, optim, resnet, tf_image
 from common.train import Run, fp32
 
 
-# --8<-- [start:args]
 @dataclass
 class Args(cli.System):
     # CIFAR-10: one source for the whole recipe, the v1 code that produced the paper's numbers and the
@@ -44,10 +43,8 @@ class Args(cli.System):
 PRESETS = {  # the paper's ImageNet recipe: ResNet-50, LARS lr 0.3 × N/256, wd 1e-6, τ 0.1, N 4096 (1000 epochs for 69.3)
     "imagenet": dict(arch="resnet50", epochs=100, batch_size=4096, lr=0.3, wd=1e-6, tau=0.1, s=1.0, blur=True),
 }
-# --8<-- [end:args]
 
 
-# --8<-- [start:augment]
 def augment(args):
     """One view: random crop and resize, flip, colour distortion of strength s (App. A), as the v1 code computes
     them (data_util.py preprocess_for_train with impl 'simclrv1'; blur in model.py): TF's operations, whose
@@ -102,10 +99,8 @@ def random_blur(x, g, kernel_size):
     sigma = tf_image.uniform(g, x, 0.1, 2.0)
     x = tf_image.random_apply(lambda x: tf_image.gaussian_blur(x, sigma, kernel_size), x, p=0.5, g=g)
     return x.clamp(0, 1)
-# --8<-- [end:augment]
 
 
-# --8<-- [start:model]
 def projection_head(in_dim, dim):
     """g: Linear → BN → ReLU → Linear → BN without β, linear layers bias-free; §2.1 and the official code."""
     last_bn = nn.BatchNorm1d(dim)
@@ -139,10 +134,8 @@ class SimCLR(nn.Module):
         loss = 2 * nt_xent(z1, z2, self.tau, z1_all, z2_all, start=dist.rank() * n)
         pos_sim = F.cosine_similarity(z1.detach(), z2.detach()).mean()
         return loss, {"pos_sim": pos_sim}
-# --8<-- [end:model]
 
 
-# --8<-- [start:loss]
 def nt_xent(z1, z2, tau, z1_all=None, z2_all=None, start=0):
     """Eq. 1 and Alg. 1: L = 1/(2N) Σ_k [ℓ(2k−1, 2k) + ℓ(2k, 2k−1)], with
     ℓ(i, j) = −log exp(sim(z_i, z_j)/τ) / Σ_{k≠i} exp(sim(z_i, z_k)/τ).
@@ -162,7 +155,6 @@ def nt_xent(z1, z2, tau, z1_all=None, z2_all=None, start=0):
         positive = torch.cat([i + N, i])  # its partner view: z1 ↔ z2 of the same image
         logits[torch.arange(2 * n, device=z1.device), self_index] = float("-inf")  # k ≠ i in the denominator
         return F.cross_entropy(logits, positive)  # mean over the 2n anchors of −log softmax at the positive
-# --8<-- [end:loss]
 
 
 def build_model(args):
@@ -187,13 +179,11 @@ def main(args):
     for x1, x2 in run.batches(loader):
         lr = optim.warmup_cosine(run.step, total, warmup, init_lr)  # warmup, then cosine per step; §2.3
         optim.set_lr(optimizer, lr)
-        # --8<-- [start:train-step]
         with run.autocast():
             loss, stats = model(x1, x2)  # 2 × Eq. 1 over all 2N views of the global batch
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        # --8<-- [end:train-step]
         run.log(loss, lr=lr, **stats)
 
 

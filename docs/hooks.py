@@ -17,21 +17,33 @@ and a method page walks its whole file, block by block, each block beside its co
     commentary of the next block
     <!-- code "def D(" -->               the next block starts at the first line after the previous
     ...                                  block's start that contains this text (or at the decorators
-                                         right above that line)
+                                         right above that line): the code's own text, a `def`, a
+                                         `class`, a distinct line; the files carry no build markers
     <!-- end annotate -->                the last block runs to the end of the file
 
-The blocks tile the file: every line after the docstring is shown once, in order, with its own line
-number. `changed-from` marks the lines that differ from another file. In the code shown, `Eq. N`
-links to the display on the page whose \\tag is N, and every other reference to the paper (`§3.3`,
-`App. D`, `Alg. 1`, `Table 6`, `MoCo v2 §3`, ...) to the item of the list under `<!-- cited -->`
-that starts with it in bold. Each display `$$ ... \\tag{N} $$` gets the anchor `eq-N` and the list of
-the lines that implement it: the lines whose comments cite `Eq. N`, and the lines that contain the
-texts of a `<!-- implements N "text" ... -->` marker (for forms the code does not cite by number).
+The blocks tile the file: every line after the docstring is on the page once, in order, with its own
+line number; the blank lines at either end of a block are kept but hidden (`ann-pad`). A long line
+wraps between tokens (a <wbr> after each operator and punctuation token), never inside a name.
+`changed-from` marks the lines that differ from another file. In the code shown, `Eq. N` links to the
+display on the page whose \\tag is N, and every other reference to the paper (`§3.3`, `App. D`,
+`Alg. 1`, `Table 6`, `MoCo v2 §3`, ...) to the item of the list under `<!-- cited -->` that starts
+with it in bold. Each display `$$ ... \\tag{N} $$` gets the anchor `eq-N` and, under it, two lists:
+
+    <!-- implements N "text" "text" -->  the lines that COMPUTE Eq. N: every line whose code (the line
+                                         without its comment; never a docstring) contains one of the
+                                         texts: the loss body, the update, the schedule
+    (automatic)                          the lines that only cite it: `Eq. N` in a comment or docstring
+    <!-- not-computed N -->               instead of `implements`: a display the code does not compute
+                                         (shown for the argument); it lists no computing line
+
 A block's first lines that are headings (`### Loss`) stand above the row, full width.
 
 Everything is read with `ast` and `tokenize`, never imported, so the build needs neither torch nor a
-GPU. A marker that names a missing file or cannot be generated, a reference without its target, an
-equation without a line: each logs a warning, which fails `mkdocs build --strict`.
+GPU. Each of these logs a warning, which fails `mkdocs build --strict`: a marker that names a missing
+file or cannot be generated; a reference without its target; an equation with no computing line (and no
+`not-computed`); an `implements` text found in no line, or only in comments and docstrings; an equation
+whose computing lines are more than a function's worth (MAX_COMPUTING_LINES); a marker naming an equation
+that no display carries.
 """
 import ast
 import difflib
@@ -45,7 +57,7 @@ from pathlib import Path
 from mkdocs.plugins import get_plugin_logger
 from mkdocs.structure.files import File
 from pygments.lexers import PythonLexer
-from pygments.token import STANDARD_TYPES, Comment, String
+from pygments.token import STANDARD_TYPES, Comment, Operator, Punctuation, String
 
 log = get_plugin_logger("docs-hooks")
 ROOT = Path(__file__).resolve().parents[1]
@@ -58,6 +70,7 @@ ANNOTATE = re.compile(r"^<!--\s*annotate\s+(\S+)(?:\s+changed-from\s+(\S+))?\s*-
                       re.MULTILINE | re.DOTALL)
 CODE = re.compile(r'^<!--\s*code(?:\s+"([^"]+)")?\s*-->[ \t]*$', re.MULTILINE)
 IMPLEMENTS = re.compile(r"^<!--\s*implements\s+(\S+)((?:\s+\"[^\"]+\")+)\s*-->[ \t]*$", re.MULTILINE)
+NOT_COMPUTED = re.compile(r"^<!--\s*not-computed\s+(\S+)\s*-->[ \t]*$", re.MULTILINE)
 PAPERS = r"MoCo v1|MoCo v2|MoCo|SimCLR|BYOL|SimSiam|Barlow Twins|VICReg|UniGrad"
 REF = re.compile(rf"(?:\b(?P<paper>{PAPERS})(?:'s)? )?(?P<ref>Eqs?\. \d+(?:(?:, | and | or )\d+\b)*|§ ?\d+(?:\.\d+)*|"
                  r"App\. [A-Z](?:\.\d+)?\b|Alg\. \d+|Table \d+|Fig\. \d+)")
@@ -83,10 +96,11 @@ def on_page_markdown(markdown, page, config, **kwargs):
             text = f"!!! failure \"{kind} {operands}: {type(e).__name__}\"\n    {e}\n"
         return "".join(indent + line if line.strip("\r\n") else line for line in text.splitlines(keepends=True))
     markdown = MARKER.sub(replace, markdown)
-    state = STATE[page.file.src_uri] = {"file": None, "blocks": [], "implements": {}}
+    state = STATE[page.file.src_uri] = {"file": None, "blocks": [], "implements": {}, "not_computed": set()}
     for m in IMPLEMENTS.finditer(markdown):
         state["implements"].setdefault(m[1], []).extend(re.findall(r'"([^"]+)"', m[2]))
-    markdown = IMPLEMENTS.sub("", markdown)
+    state["not_computed"] = set(NOT_COMPUTED.findall(markdown))
+    markdown = NOT_COMPUTED.sub("", IMPLEMENTS.sub("", markdown))
     try:
         return ANNOTATE.sub(lambda m: annotate(page, state, m[1], m[2], m[3]), markdown)
     except Exception as e:
@@ -116,15 +130,27 @@ def on_page_content(content, page, config, **kwargs):
                 log.warning(f"{where}: a displayed equation has no \\tag, so no anchor: {d[2][:80]!r}")
                 return d[0]
             key = tag[1].strip()
-            lines = _implementing(state, key)
-            if not lines:
-                log.warning(f"{where}: no line of {state['file']} implements Eq. {key} (cite it as `Eq. {key}` in "
-                            f"a comment, or add <!-- implements {key} \"text\" -->)")
             equations[key] = _slug("eq", key)
-            links = ", ".join(f'<a href="#L{n}">{n}</a>' for n in lines)
-            return (f'<div class="eq" id="{_slug("eq", key)}">{d[1]}<p class="eq-lines">'
-                    f'implemented in {state["file"]}, line{"s" if len(lines) > 1 else ""} {links}</p></div>')
+            computed, cited = _implementing(state, key, where)
+            name = html.escape(state["file"])
+            if key in state["not_computed"]:
+                if computed:
+                    log.warning(f"{where}: Eq. {key} is marked not-computed, yet <!-- implements {key} --> names lines")
+                said = f"not computed in {name}"
+            else:
+                if not computed:
+                    log.warning(f"{where}: no code line of {state['file']} computes Eq. {key} (add <!-- implements {key} "
+                                f"\"text\" --> naming the lines that compute it, or <!-- not-computed {key} --> if the "
+                                f"code does not compute it)")
+                said = f"computed in {name}, {_line_links(computed, 'eq-computed')}" if computed else ""
+            if cited:
+                said += f'<span class="eq-cited">{"; " if said else ""}cited at {_line_links(cited, "eq-cited")}</span>'
+            return (f'<div class="eq" id="{_slug("eq", key)}">{d[1]}<p class="eq-lines" '
+                    f'data-computed="{" ".join(map(str, computed))}" data-cited="{" ".join(map(str, cited))}">'
+                    f'{said}</p></div>')
         content = re.sub(r'(<div class="arithmatex">(.*?)</div>)', anchor, content, flags=re.DOTALL)
+        for key in sorted((set(state["implements"]) | state["not_computed"]) - set(equations)):
+            log.warning(f"{where}: a marker names Eq. {key}, which no display on the page carries (\\tag{{{key}}})")
         text = _source(state["file"])
         changed = _changed_lines(text, _source(state["changed_from"])) if state.get("changed_from") else set()
         lines = _highlight(text, lambda ref: _link(ref, equations, cited, where))
@@ -157,16 +183,58 @@ def _refs(text):
     return out
 
 
-def _implementing(state, key):
-    """Line numbers of the annotated file that implement the equation tagged `key`."""
-    lines = _source(state["file"]).splitlines()
-    found = {n for n, line in enumerate(lines, 1) for _, _, _, numbers in _refs(line) if key in numbers}
-    for text in state["implements"].get(key, []):
-        hits = [n for n, line in enumerate(lines, 1) if text in line]
+def _code_lines(text):
+    """{line number: the line's code}: the line without its comment, '' on a docstring's lines (a string
+    alone as a statement) and on comment-only lines."""
+    lines = text.splitlines()
+    code = dict(enumerate(lines, 1))
+    for tok in tokenize.generate_tokens(io.StringIO(text).readline):
+        if tok.type == tokenize.COMMENT:
+            code[tok.start[0]] = lines[tok.start[0] - 1][:tok.start[1]]
+    for node in ast.walk(ast.parse(text)):
+        if isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant) and isinstance(node.value.value, str):
+            for n in range(node.lineno, node.end_lineno + 1):
+                code[n] = ""
+    return code
+
+
+MAX_COMPUTING_LINES = 16  # a function's worth: an equation that links more lines links call sites or plumbing
+
+
+def _implementing(state, key, where=""):
+    """(computing, citing): the line numbers of the annotated file that compute the equation tagged `key`
+    (the code, without comments and docstrings, of the lines containing a text of its `implements`
+    marker), and those that only cite it (`Eq. N` in a comment or docstring)."""
+    text = _source(state["file"])
+    lines, code = text.splitlines(), _code_lines(text)
+    computing = set()
+    for needle in state["implements"].get(key, []):
+        hits = [n for n, line in enumerate(lines, 1) if needle in line]
+        in_code = [n for n in hits if needle in code[n]]
         if not hits:
-            log.warning(f"<!-- implements {key} \"{text}\" -->: no line of {state['file']} contains the text")
-        found.update(hits)
-    return sorted(found)
+            log.warning(f"{where}: <!-- implements {key} \"{needle}\" -->: no line of {state['file']} contains the text")
+        elif not in_code:
+            log.warning(f"{where}: <!-- implements {key} \"{needle}\" -->: the text is only in comments or docstrings "
+                        f"of {state['file']} (lines {hits}), not in code")
+        computing.update(in_code)
+    if len(computing) > MAX_COMPUTING_LINES:
+        log.warning(f"{where}: Eq. {key} links {len(computing)} lines of {state['file']}, more than a function's worth "
+                    f"({MAX_COMPUTING_LINES}): name the lines that compute it, not those that call it")
+    citing = {n for n, line in enumerate(lines, 1) for _, _, _, numbers in _refs(line) if key in numbers}
+    return sorted(computing), sorted(citing - computing)
+
+
+def _line_links(numbers, cls):
+    """"lines 131–134, 140": runs of consecutive lines as ranges, each end a link to its line."""
+    runs = []
+    for n in numbers:
+        if runs and n == runs[-1][1] + 1:
+            runs[-1][1] = n
+        else:
+            runs.append([n, n])
+    link = lambda n: f'<a class="{cls}" href="#L{n}">{n}</a>'
+    text = ", ".join(link(a) if a == b else f"{link(a)}–{link(b)}" for a, b in runs)
+    return f'line{"s" if len(numbers) > 1 else ""} {text}'
 
 
 def _link(match, equations, cited, where):
@@ -214,6 +282,8 @@ def _highlight(text, link):
             else:
                 escaped = html.escape(part)
             current.append(f'<span class="{css}">{escaped}</span>' if css else escaped)
+            if (ttype in Punctuation or ttype in Operator) and part.strip():
+                current.append("<wbr>")  # a long line wraps between tokens, never inside a name
     if current:
         lines.append("".join(current))
     return lines
@@ -230,19 +300,25 @@ def _changed_lines(text, other):
 
 
 def _listing(name, lines, start, end, changed, file_url, repo):
-    """Lines start..end (1-based, inclusive) of a file: one block of the annotated walk-through."""
+    """Lines start..end (1-based, inclusive) of a file: one block of the annotated walk-through. The blank
+    lines at either end of a block (the blank lines between two blocks) are kept, hidden (`ann-pad`), so
+    that the page holds every line of the file once, in order, and shows none that pads a block."""
     raw = _source(name).splitlines()
+    shown = [n for n in range(start, end + 1) if raw[n - 1].strip()] or [start]
+    first, last = shown[0], shown[-1]
     rows = []
     for n in range(start, end + 1):
         indent = len(raw[n - 1]) - len(raw[n - 1].lstrip(" "))
         cls = "ann-line ann-changed" if n in changed else "ann-line"
+        if n < first or n > last:
+            cls += " ann-pad"
         rows.append(f'<span class="{cls}" id="L{n}" style="--i:{indent}"><a class="ann-ln" href="#L{n}" '
                     f'data-ln="{n}" aria-hidden="true" tabindex="-1"></a>{lines[n - 1]}\n</span>')
     source = f'<a href="{file_url}">{name}</a>'
     if repo:
-        source += f' · <a href="{repo}/blob/HEAD/{name}#L{start}-L{end}">repository</a>'
+        source += f' · <a href="{repo}/blob/HEAD/{name}#L{first}-L{last}">repository</a>'
     return (f'<div class="ann-code" data-file="{name}" data-start="{start}" data-end="{end}">'
-            f'<div class="ann-file">{source} <span>lines {start}–{end}</span></div>'
+            f'<div class="ann-file">{source} <span>lines {first}–{last}</span></div>'
             f'<div class="language-python highlight"><pre><code>{"".join(rows)}</code></pre></div></div>')
 
 

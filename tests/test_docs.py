@@ -1,7 +1,8 @@
 """The documentation site: `mkdocs build --strict`; every method page shows its whole file, line by line,
 beside the equations it implements, each equation tied to its lines and each reference in the code to
 its target; content generated from the real files, nothing loaded from outside; and, in one headless
-Chromium session, every page at 390, 1024, 1280 and 1440 px: maths rendered, nothing wider than its box,
+Chromium session, every page at 390, 1024, 1280 and 1440 px: maths rendered, nothing wider than its box, the code pane
+unpadded, no name in it broken, as wide as the commentary,
 no list rendered as a paragraph, no identifier broken in a table, no punctuation stranded after inline
 maths, each method's diagram shown; and the site opened from disk (file://) navigates and searches."""
 import functools
@@ -131,7 +132,7 @@ class _Code(html.parser.HTMLParser):
 
     def __init__(self):
         super().__init__()
-        self.blocks, self.unlinked, self.links = [], [], []
+        self.blocks, self.unlinked, self.links, self.padded = [], [], [], set()
         self._depth = 0  # depth inside the current div.ann-code, 0 outside
         self._in_code = self._in_ref = False
 
@@ -148,6 +149,8 @@ class _Code(html.parser.HTMLParser):
             self._in_code = True
         if self._in_code and tag == "span" and a.get("id", "").startswith("L"):
             self.blocks[-1][3].append(int(a["id"][1:]))
+            if "ann-pad" in classes:
+                self.padded.add(int(a["id"][1:]))
         if self._in_code and tag == "a" and "ann-ref" in classes:
             self._in_ref = True
             self.links.append(a.get("href", ""))
@@ -186,6 +189,63 @@ def test_each_method_page_shows_its_whole_file_line_by_line(method, site):
     numbers = [n for *_, ids in blocks for n in ids]
     assert numbers == list(range(first, len(lines) + 1)), f"{method}: line numbers missing, repeated or out of order"
     assert [(a, b) for a, b, *_ in blocks] == [(ids[0], ids[-1]) for *_, ids in blocks]
+
+
+@pytest.mark.parametrize("method", existing_methods())
+def test_no_block_is_padded_with_blank_lines(method, site):
+    """The blank lines at either end of a block (those between two blocks) are on the page, hidden
+    (`ann-pad`, display: none); every other line is shown: a block shows from its first line of text to
+    its last, blank lines inside it kept."""
+    lines = (ROOT / f"{method}.py").read_text(encoding="utf-8").splitlines()
+    parser = code_shown(site, method)
+    for _, _, _, ids in parser.blocks:
+        text = [n for n in ids if lines[n - 1].strip()]
+        if not text:
+            continue
+        edges = {n for n in ids if n < text[0] or n > text[-1]}
+        assert {n for n in ids if n in parser.padded} == edges, \
+            f"{method}: in the block of lines {ids[0]}-{ids[-1]}, hidden {sorted(parser.padded & set(ids))}, " \
+            f"blank at its ends {sorted(edges)}"
+
+
+def code_lines(path):
+    """The line numbers of a Python file that hold code: a token other than a comment, and not a line of a
+    docstring (a string alone as a statement)."""
+    import ast
+    import io
+    import tokenize
+    text = path.read_text(encoding="utf-8")
+    strings = {n for node in ast.walk(ast.parse(text)) if isinstance(node, ast.Expr)
+               and isinstance(node.value, ast.Constant) and isinstance(node.value.value, str)
+               for n in range(node.lineno, node.end_lineno + 1)}
+    skip = {tokenize.COMMENT, tokenize.NL, tokenize.NEWLINE, tokenize.INDENT, tokenize.DEDENT, tokenize.ENDMARKER}
+    return {n for tok in tokenize.generate_tokens(io.StringIO(text).readline) if tok.type not in skip
+            for n in range(tok.start[0], tok.end[0] + 1)} - strings
+
+
+@pytest.mark.parametrize("method", existing_methods())
+def test_each_equation_links_the_code_lines_that_compute_it(method, site):
+    """Every displayed equation of a method page lists the lines that compute it (from its `implements`
+    marker), apart from the lines that only cite it; the computing lines are code, not comments or
+    docstrings, and at most a function's worth (16). An equation the code does not compute says so
+    (<!-- not-computed N -->) and lists no computing line."""
+    page = built(site, method).read_text(encoding="utf-8")
+    code = code_lines(ROOT / f"{method}.py")
+    found = re.findall(r'<div class="eq" id="([^"]+)">.*?<p class="eq-lines" data-computed="([\d ]*)" '
+                       r'data-cited="([\d ]*)">(.*?)</p>', page, re.DOTALL)
+    assert found and len(found) == page.count('<div class="eq" '), f"{method}: an equation without its list of lines"
+    for eq, computed, cited, said in found:
+        computed, cited = [int(n) for n in computed.split()], [int(n) for n in cited.split()]
+        if not computed:
+            assert said.startswith("not computed in"), f"{method}: #{eq} links no line that computes it"
+            continue
+        assert said.startswith(f"computed in {method}.py"), f"{method}: #{eq}: {said[:80]}"
+        not_code = [n for n in computed if n not in code]
+        assert not not_code, f"{method}: #{eq} lists as computing it lines that are not code: {not_code}"
+        assert len(computed) <= 16, f"{method}: #{eq} links {len(computed)} lines, more than a function's worth"
+        assert not set(computed) & set(cited), f"{method}: #{eq}: a line both computes and only cites it"
+        links = {int(n) for n in re.findall(r'class="eq-computed" href="#L(\d+)"', said)}
+        assert links and links <= set(computed) and min(computed) in links, f"{method}: #{eq}: {said[:120]}"
 
 
 @pytest.mark.parametrize("method", existing_methods())
@@ -251,6 +311,56 @@ def test_hooks_generate_from_the_real_files(site):
     assert 'id="common.dist.gather_with_grad"' in api and "gradients summed over" in api
     mocov2 = built(site, "mocov2").read_text()
     assert '<span class="gd">--- mocov1.py</span>' in mocov2 and '<span class="gi">+++ mocov2.py</span>' in mocov2
+
+
+def run_hooks(hooks, markdown, content):
+    """The page hooks on a page that annotates mocov1.py: its markdown, then `content` as its HTML (the
+    annotated blocks' placeholders are kept: `content` is appended to them)."""
+    class Page:
+        url = "x.html"
+
+        class file:
+            src_uri = "x.md"
+    out = hooks.on_page_markdown(markdown, Page(), config={})
+    placeholders = "".join(re.findall(r'<div class="ann-code" data-block="\d+"></div>', out))
+    return hooks.on_page_content(placeholders + content, Page(), config={})
+
+
+EQ = '<div class="arithmatex">\\[ q \\cdot k \\tag{1} \\]</div>'
+
+
+@pytest.mark.parametrize("marker, warning", [
+    ("", "no code line of mocov1.py computes Eq. 1"),
+    ('<!-- implements 1 "Eq. 1: L_q" -->', "only in comments or docstrings"),  # the docstring of info_nce
+    ('<!-- implements 1 "q·k₊" -->', "only in comments or docstrings"),  # a trailing comment
+    ('<!-- implements 1 "no such text" -->', "no line of mocov1.py contains"),
+    ('<!-- implements 1 "q" -->', "more than a function's worth"),
+    ('<!-- implements 1 "l_pos =" -->\n<!-- not-computed 1 -->', "marked not-computed"),
+    ('<!-- implements 7 "l_pos =" -->\n<!-- implements 1 "l_pos =" -->', "names Eq. 7, which no display"),
+])
+def test_an_equation_without_a_computing_line_is_a_warning(caplog, marker, warning):
+    """Each way an equation can fail to link the code that computes it warns, which fails the strict build."""
+    hooks = load_hooks()
+    markdown = f"{marker}\n<!-- annotate mocov1.py -->\nall\n<!-- code -->\n<!-- end annotate -->\n"
+    with caplog.at_level(logging.WARNING):
+        run_hooks(hooks, markdown, EQ)
+    assert warning in caplog.text, caplog.text
+
+
+def test_computing_lines_are_listed_apart_from_citing_lines(caplog):
+    hooks = load_hooks()
+    text = (ROOT / "mocov1.py").read_text(encoding="utf-8").splitlines()
+    number = lambda s: next(n for n, line in enumerate(text, 1) if s in line)
+    markdown = ('<!-- implements 1 "l_pos = (q * k)" "l_neg = q @ queue" "logits = torch.cat" "return F.cross_entropy" -->\n'
+                "<!-- annotate mocov1.py -->\nall\n<!-- code -->\n<!-- end annotate -->\n")
+    with caplog.at_level(logging.WARNING):
+        out = run_hooks(hooks, markdown, EQ)
+    about = [r.message for r in caplog.records if "Eq. 1" in r.message or "implements" in r.message]
+    assert not about, about  # (the others: the code's § references, which this bare page does not list)
+    m = re.search(r'data-computed="([\d ]*)" data-cited="([\d ]*)"', out)
+    computed, cited = [int(n) for n in m[1].split()], [int(n) for n in m[2].split()]
+    assert computed == list(range(number("l_pos = (q * k)"), number("return F.cross_entropy") + 1))
+    assert number("def info_nce(") + 1 in cited and not set(computed) & set(cited)  # its docstring cites Eq. 1
 
 
 def test_a_marker_naming_a_missing_file_is_a_warning(caplog):
@@ -405,6 +515,21 @@ function measure(w, width) {
             inside: r.left >= box.left - 1 && r.right <= box.right + 1};
   });
   out.code_blocks = content.querySelectorAll(".ann-code").length;
+  // the walk-through's rows, side by side: [commentary width, code width] of each
+  out.columns = [...content.querySelectorAll(".ann-row")].map(row => {
+    const note = row.querySelector(".ann-note").getBoundingClientRect();
+    const code = row.querySelector(".ann-code").getBoundingClientRect();
+    return code.left >= note.right - 1 ? [Math.round(note.width), Math.round(code.width)] : null;
+  }).filter(x => x);
+  // a name of the code drawn on two lines (a line wraps between tokens only)
+  out.broken_names = [...content.querySelectorAll(".ann-line span")].filter(t =>
+    /^(n|n[a-z]|bp|m[a-z]?|k[a-z]?)$/.test(t.className) && /\\w\\w/.test(t.textContent) &&
+    t.getClientRects().length > 1).map(t => t.textContent).slice(0, 5);
+  // a block whose first or last line shown is blank
+  out.padded = [...content.querySelectorAll(".ann-code pre")].filter(pre => {
+    const shown = [...pre.querySelectorAll(".ann-line")].filter(l => l.getClientRects().length);
+    return shown.length && (!shown[0].textContent.trim() || !shown[shown.length - 1].textContent.trim());
+  }).length;
   return out;
 }
 async function one(page) {
@@ -513,6 +638,20 @@ def test_each_method_page_shows_its_diagram_and_its_code_beside_the_commentary(m
             assert len(diagrams) == 1, f"{method} at {width} px: {len(diagrams)} diagrams"
             d = diagrams[0]
             assert d["loaded"] and d["width"] > 100 and d["height"] > 50 and d["inside"], f"{method} at {width}: {d}"
+
+
+def test_the_code_pane_shows_the_file_only_and_is_as_wide_as_the_commentary(measured):
+    """On the method pages: no name of the code broken across two lines at any width, no block padded with
+    blank lines, and at 1280 and 1440 px the code column at least as wide as the commentary beside it."""
+    bad = failures(measured, lambda w, m: m["broken_names"] and f"names broken: {m['broken_names']}")
+    bad += failures(measured, lambda w, m: m["padded"] and f"{m['padded']} blocks shown with a blank first or last line")
+    for method in existing_methods():
+        for width in (1280, 1440):
+            columns = measured[f"{method}.html"][str(width)]["columns"]
+            assert columns, f"{method} at {width} px: the commentary and the code are not side by side"
+            narrow = [(note, code) for note, code in columns if code < note]
+            bad += [(method, width, f"code narrower than the commentary: {narrow[:3]}")] if narrow else []
+    assert not bad, f"(page, width, what): {bad}"
 
 
 def test_the_site_opened_from_disk_navigates_and_searches(site, tmp_path):
