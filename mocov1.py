@@ -50,10 +50,10 @@ PRESETS = {  # the paper's ImageNet recipe, §4: ResNet-50, 200 epochs, batch 25
 
 
 def augment(args):
-    """One view (query and key alike): paper §3.3, 'Data augmentation', at every size (see Args)."""
+    """One view (query and key alike): §3.3's crop, jitter, flip, grayscale, main_moco.py's parameters (see Args)."""
     return v2.Compose([
-        # differs from official code: the CIFAR demo crops at scale (0.08, 1); the paper's (0.2, 1) is kept at every
-        # size, so the recipe stays the paper's; expected effect: milder crops than the demo's, not measured here
+        # differs from official code: the CIFAR demo crops at scale (0.08, 1); main_moco.py's (0.2, 1) is kept at every
+        # size, so the recipe stays the ImageNet one; expected effect: milder crops than the demo's, not measured here
         v2.RandomResizedCrop(args.image_size, scale=(0.2, 1.0), antialias=True),
         v2.RandomGrayscale(p=0.2),
         v2.ColorJitter(0.4, 0.4, 0.4, 0.4),  # always applied

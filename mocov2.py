@@ -1,8 +1,9 @@
 """MoCo v2: Improved Baselines with Momentum Contrastive Learning.
 Xinlei Chen, Haoqi Fan, Ross Girshick, Kaiming He. 2020. arXiv:2003.04297.
 
-MoCo v1 (arXiv:1911.05722) with four changes from SimCLR, and nothing else: an MLP projection head,
-stronger augmentation with blur ("aug+"), temperature 0.2, and a cosine learning-rate schedule.
+MoCo v1 (arXiv:1911.05722) with four changes, and nothing else: two of SimCLR's design improvements, an MLP
+projection head and stronger augmentation with blur ("aug+"); and two of its own, temperature 0.2
+and a cosine learning-rate schedule.
 `diff mocov1.py mocov2.py` shows exactly these.
 
     uv run mocov2.py                                     # CIFAR-10: the demo's K, m, τ, lr, wd
@@ -49,8 +50,8 @@ def augment(args):
     """One view (query and key alike): "aug+", MoCo v2 §3, SimCLR's augmentation with weaker jitter."""
     blur = [v2.RandomApply([v2.GaussianBlur(23, sigma=(0.1, 2.0))], p=0.5)] if args.blur else []
     return v2.Compose([
-        # differs from official code: the CIFAR demo crops at scale (0.08, 1); the paper's (0.2, 1) is kept at every
-        # size, so the recipe stays the paper's; expected effect: milder crops than the demo's, not measured here
+        # differs from official code: the CIFAR demo crops at scale (0.08, 1); main_moco.py's (0.2, 1) is kept at every
+        # size, so the recipe stays the ImageNet one; expected effect: milder crops than the demo's, not measured here
         v2.RandomResizedCrop(args.image_size, scale=(0.2, 1.0), antialias=True),
         v2.RandomApply([v2.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
         v2.RandomGrayscale(p=0.2),
