@@ -47,8 +47,8 @@ PRESETS = {  # the paper's ImageNet recipe: ResNet-50, LARS lr 0.3 × N/256, wd 
 
 def augment(args):
     """One view: random crop and resize, flip, colour distortion of strength s (App. A), as the v1 code computes
-    them (data_util.py preprocess_for_train with impl 'simclrv1'; blur in model.py): TF's operations, whose
-    arithmetic is not torchvision's (common/tf_image.py)."""
+    them (data_util.py preprocess_for_train at 85e8552, before its impl flag; blur in model.py): TF's operations,
+    whose arithmetic is not torchvision's (common/tf_image.py)."""
     blur = [tf_image.Batched(partial(random_blur, kernel_size=args.image_size // 10))] if args.blur else []
     return v2.Compose([
         v2.ToImage(), v2.ToDtype(torch.float32, scale=True),  # pixels in [0, 1], tf.image.convert_image_dtype
