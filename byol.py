@@ -189,8 +189,8 @@ def main(args):
             loss, stats = model(x1, x2)  # L^BYOL, Eq. 2 in both directions
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        optimizer.step()  # θ ← optimizer(θ, ∇_θ L^BYOL, η), Eq. 3
-        net.update_target(tau)  # ξ ← τξ + (1 − τ)θ, Eq. 1, after the optimiser step
+        optimizer.step()  # θ ← optimizer(θ, ∇_θ L^BYOL, η): Eq. 3, its first line
+        net.update_target(tau)  # ξ ← τξ + (1 − τ)θ: Eq. 3's second line (Eq. 1), after the optimiser step
         run.log(loss, lr=lr, tau=tau, **stats)
 
 

@@ -146,8 +146,8 @@ CATALOGUE = [
     M("byol-target-update-before-step", MOMENTUM,
       "BYOL's target is moved towards the online weights before the optimiser step instead of after it.",
       "The target lags one step behind the official update, averaging the previous online weights.",
-      [("byol.py", "        optimizer.step()  # θ ← optimizer(θ, ∇_θ L^BYOL, η), Eq. 3\n"
-        "        net.update_target(tau)  # ξ ← τξ + (1 − τ)θ, Eq. 1, after the optimiser step\n",
+      [("byol.py", "        optimizer.step()  # θ ← optimizer(θ, ∇_θ L^BYOL, η): Eq. 3, its first line\n"
+        "        net.update_target(tau)  # ξ ← τξ + (1 − τ)θ: Eq. 3's second line (Eq. 1), after the optimiser step\n",
         "        net.update_target(tau)\n        optimizer.step()\n")],
       ["tests/test_noncontrastive.py::test_byol_main_moves_the_target_after_each_step_with_the_cosine_tau"],
       [REVIEW]),
