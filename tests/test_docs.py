@@ -118,10 +118,34 @@ def test_method_page_follows_the_template(method):
     assert f"](assets/diagrams/{method}.svg)" in text, f"docs/{method}.md does not show its diagram"
     assert (DOCS / "assets" / "diagrams" / f"{method}.svg").is_file(), f"docs/assets/diagrams/{method}.svg is missing"
     assert "\\tag{" in text, f"docs/{method}.md numbers no equation with the paper's number (\\tag{{...}})"
-    deviations = text[positions[3]:positions[4]]
+    at = METHOD_HEADINGS.index("## Deviations from the paper")
+    deviations = text[positions[at]:positions[at + 1]]
     assert re.search(r"\n\n- ", deviations), f"docs/{method}.md: its Deviations section is not a list"
     assert ("<!-- diff mocov1.py mocov2.py -->" in text) == (method == "mocov2"), \
         f"docs/{method}.md: the only diff is MoCo v1 -> v2, on the MoCo v2 page"
+
+
+CONCEPTS = {"LARS": "lars", "SyncBN": "syncbn", "ShuffleBN": "shufflebn", "CIFAR stem": "cifar-stem"}
+
+
+@pytest.mark.parametrize("method", existing_methods())
+def test_one_heading_per_section_and_building_blocks_linked_at_first_use(method):
+    """No two headings of a method page alike (the walk-through's Args block is "### Arguments", the
+    table "## Hyper-parameters"); and the first mention of LARS, SyncBN, ShuffleBN or the CIFAR stem in
+    the page's prose (outside code, image descriptions and captions) links its definition."""
+    text = (DOCS / f"{method}.md").read_text(encoding="utf-8")
+    headings = [h.lstrip("#").strip() for h in re.findall(r"^#{2,6} .*$", text, re.MULTILINE)]
+    assert len(headings) == len(set(headings)), \
+        f"docs/{method}.md repeats the headings {sorted({h for h in headings if headings.count(h) > 1})}"
+    prose = re.sub(r"!\[[^\]]*\]\([^)]*\)|<figcaption.*?</figcaption>|<!--.*?-->|`[^`\n]*`", "", text, flags=re.DOTALL)
+    for term, anchor in CONCEPTS.items():
+        i = prose.find(term)
+        if i >= 0:
+            linked = prose[:i].endswith("[") and prose[i + len(term):].startswith(f"](concepts.md#{anchor})")
+            assert linked, f"docs/{method}.md: the first '{term}' ({prose[max(0, i - 50):i + 30]!r}) does not " \
+                           f"link concepts.md#{anchor}"
+    assert re.search(r"\bv\d+\b[ ,(]+(?:the|its)\b[^)\n]*version", text[text.find("\n## Sources"):]), \
+        f"docs/{method}.md: its Sources do not say which arXiv version the section numbers refer to"
 
 
 class _Code(html.parser.HTMLParser):
