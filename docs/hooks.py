@@ -30,8 +30,9 @@ display on the page whose \\tag is N, and every other reference to the paper (`Â
 with it in bold. Each display `$$ ... \\tag{N} $$` gets the anchor `eq-N` and, under it, two lists:
 
     <!-- implements N "text" "text" -->  the lines that COMPUTE Eq. N: every line whose code (the line
-                                         without its comment; never a docstring) contains one of the
-                                         texts: the loss body, the update, the schedule
+                                         without its comment; never a docstring, a `def` or `class`
+                                         header, a decorator) contains one of the texts: the loss
+                                         body, the update, the schedule
     (automatic)                          the lines that only cite it: `Eq. N` in a comment or docstring
     <!-- not-computed N -->               instead of `implements`: a display the code does not compute
                                          (shown for the argument); it lists no computing line
@@ -184,8 +185,9 @@ def _refs(text):
 
 
 def _code_lines(text):
-    """{line number: the line's code}: the line without its comment, '' on a docstring's lines (a string
-    alone as a statement) and on comment-only lines."""
+    """{line number: the line's code}: the line without its comment; '' on a docstring's lines (a string
+    alone as a statement), on comment-only lines, and on the `def`/`class` headers and their decorators
+    (they name a computation, they do not compute it)."""
     lines = text.splitlines()
     code = dict(enumerate(lines, 1))
     for tok in tokenize.generate_tokens(io.StringIO(text).readline):
@@ -194,6 +196,9 @@ def _code_lines(text):
     for node in ast.walk(ast.parse(text)):
         if isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant) and isinstance(node.value.value, str):
             for n in range(node.lineno, node.end_lineno + 1):
+                code[n] = ""
+        if isinstance(node, (ast.FunctionDef, ast.ClassDef)):  # a header and its decorators compute nothing
+            for n in range(min([node.lineno] + [d.lineno for d in node.decorator_list]), node.body[0].lineno):
                 code[n] = ""
     return code
 
@@ -214,8 +219,8 @@ def _implementing(state, key, where=""):
         if not hits:
             log.warning(f"{where}: <!-- implements {key} \"{needle}\" -->: no line of {state['file']} contains the text")
         elif not in_code:
-            log.warning(f"{where}: <!-- implements {key} \"{needle}\" -->: the text is only in comments or docstrings "
-                        f"of {state['file']} (lines {hits}), not in code")
+            log.warning(f"{where}: <!-- implements {key} \"{needle}\" -->: the text is only in comments, docstrings "
+                        f"or def/class headers of {state['file']} (lines {hits}), not in code that computes")
         computing.update(in_code)
     if len(computing) > MAX_COMPUTING_LINES:
         log.warning(f"{where}: Eq. {key} links {len(computing)} lines of {state['file']}, more than a function's worth "

@@ -233,15 +233,18 @@ def test_no_block_is_padded_with_blank_lines(method, site):
 
 
 def code_lines(path):
-    """The line numbers of a Python file that hold code: a token other than a comment, and not a line of a
-    docstring (a string alone as a statement)."""
+    """The line numbers of a Python file that hold code that computes: a token other than a comment, and
+    not a line of a docstring (a string alone as a statement) or of a def/class header or decorator."""
     import ast
     import io
     import tokenize
     text = path.read_text(encoding="utf-8")
-    strings = {n for node in ast.walk(ast.parse(text)) if isinstance(node, ast.Expr)
+    tree = ast.parse(text)
+    strings = {n for node in ast.walk(tree) if isinstance(node, ast.Expr)
                and isinstance(node.value, ast.Constant) and isinstance(node.value.value, str)
                for n in range(node.lineno, node.end_lineno + 1)}
+    strings |= {n for node in ast.walk(tree) if isinstance(node, (ast.FunctionDef, ast.ClassDef))  # headers
+                for n in range(min([node.lineno] + [d.lineno for d in node.decorator_list]), node.body[0].lineno)}
     skip = {tokenize.COMMENT, tokenize.NL, tokenize.NEWLINE, tokenize.INDENT, tokenize.DEDENT, tokenize.ENDMARKER}
     return {n for tok in tokenize.generate_tokens(io.StringIO(text).readline) if tok.type not in skip
             for n in range(tok.start[0], tok.end[0] + 1)} - strings
@@ -355,9 +358,10 @@ EQ = '<div class="arithmatex">\\[ q \\cdot k \\tag{1} \\]</div>'
 
 @pytest.mark.parametrize("marker, warning", [
     ("", "no code line of mocov1.py computes Eq. 1"),
-    ('<!-- implements 1 "Eq. 1: L_q" -->', "only in comments or docstrings"),  # the docstring of info_nce
-    ('<!-- implements 1 "q·k₊" -->', "only in comments or docstrings"),  # a trailing comment
+    ('<!-- implements 1 "Eq. 1: L_q" -->', "only in comments, docstrings"),  # the docstring of info_nce
+    ('<!-- implements 1 "q·k₊" -->', "only in comments, docstrings"),  # a trailing comment
     ('<!-- implements 1 "no such text" -->', "no line of mocov1.py contains"),
+    ('<!-- implements 1 "def info_nce" -->', "not in code that computes"),  # a header names, computes nothing
     ('<!-- implements 1 "q" -->', "more than a function's worth"),
     ('<!-- implements 1 "l_pos =" -->\n<!-- not-computed 1 -->', "marked not-computed"),
     ('<!-- implements 7 "l_pos =" -->\n<!-- implements 1 "l_pos =" -->', "names Eq. 7, which no display"),
