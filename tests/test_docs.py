@@ -1,10 +1,11 @@
 """The documentation site: `mkdocs build --strict`; every method page shows its whole file, line by line,
 beside the equations it implements, each equation tied to its lines and each reference in the code to
 its target; content generated from the real files, nothing loaded from outside; and, in one headless
-Chromium session, every page at 390, 1024, 1280 and 1440 px: maths rendered, nothing wider than its box, the code pane
-unpadded, no name in it broken, as wide as the commentary,
-no list rendered as a paragraph, no identifier broken in a table, no punctuation stranded after inline
-maths, each method's diagram shown; and the site opened from disk (file://) navigates and searches."""
+Chromium session, every page at 390, 1024, 1280 and 1440 px: maths rendered, nothing wider than its box,
+the code pane unpadded, no name in it broken and as wide as the commentary, no list rendered as a
+paragraph, no identifier broken in a table, no punctuation stranded after inline maths, each method's
+diagram shown; and the site opened from disk (file://) navigates and searches. Each equation lists the
+code lines that compute it."""
 import functools
 import html
 import html.parser
