@@ -2,8 +2,9 @@
 Xinlei Chen, Kaiming He. CVPR 2021. arXiv:2011.10566.
 
 Two views of an image go through the same encoder f (backbone + projection MLP); a prediction MLP h
-maps one view's output to the other's, whose gradient is stopped. With neither negative pairs nor a
-momentum encoder, the stop-gradient alone keeps the representation from collapsing.
+maps one view's output to the other's, whose gradient is stopped. There are neither negative pairs nor a
+momentum encoder: the stop-gradient and the predictor together keep the representation from collapsing
+(without the stop-gradient it collapses, §4.1; without h too, §4.2).
 
     uv run simsiam.py                                     # CIFAR-10, paper appendix D recipe
     uv run simsiam.py --dataset imagenet --data-dir DIR   # the paper's ImageNet recipe
