@@ -99,6 +99,8 @@ class BarlowTwins(nn.Module):
 
 def standardize(z, eps=1e-5):
     """Per-dimension batch standardisation: BatchNorm1d(affine=False) in training mode, biased variance."""
+    # differs from paper: Alg. 1 divides by the unbiased std without ε; this is the official code's BatchNorm form,
+    # biased variance and ε; effect: Alg. 1's C is (N − 1)/N times this one (0.998 at N = 512)
     return (z - z.mean(dim=0)) / torch.sqrt(z.var(dim=0, unbiased=False) + eps)
 
 
