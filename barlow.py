@@ -24,7 +24,6 @@ from common import cli, data, dist, optim, resnet
 from common.train import Run, fp32
 
 
-# --8<-- [start:args]
 @dataclass
 class Args(cli.System):
     epochs: int = 1000  # CIFAR-10: 1000 epochs; solo-learn cifar/barlow.yaml (paper: 1000 on ImageNet)
@@ -51,10 +50,8 @@ PRESETS = {  # the paper's ImageNet recipe: ResNet-50, LARS, N 2048, lr 0.2 / 0.
     "imagenet": dict(arch="resnet50", epochs=1000, batch_size=2048, lr=0.2, lr_biases=0.0048 / 32, wd=1.5e-6 * 32,
                      dim=8192, blur1=1.0, blur2=0.1),
 }
-# --8<-- [end:args]
 
 
-# --8<-- [start:augment]
 def augment(args, blur, solarize):
     """One view, as BYOL ('s augmentations): the views differ only in blur and solarization probabilities."""
     kernel = (args.image_size // 10) // 2 * 2 + 1  # ≈ 10% of the side, odd (23 at 224)
@@ -71,10 +68,8 @@ def augment(args, blur, solarize):
         v2.RandomSolarize(threshold=128, p=solarize),  # x ← 255 − x where x ≥ 128 (0.5 in [0, 1])
         data.normalize(args.dataset),
     ])
-# --8<-- [end:augment]
 
 
-# --8<-- [start:model]
 def projector(in_dim, dim):
     """Three bias-free Linear layers of width dim, BN + ReLU after the first two only; paper."""
     return nn.Sequential(nn.Linear(in_dim, dim, bias=False), nn.BatchNorm1d(dim), nn.ReLU(inplace=True),
@@ -100,12 +95,12 @@ class BarlowTwins(nn.Module):
         loss = barlow_twins_loss(z1_all, z2_all, self.lambd)  # the same global value on every rank
         c_ii = (standardize(fp32(z1_all.detach())) * standardize(fp32(z2_all.detach()))).mean(dim=0)  # diag of C
         return loss, {"c_diag": c_ii.mean()}  # → 1 as the views' embeddings become invariant
-# --8<-- [end:model]
 
 
-# --8<-- [start:loss]
 def standardize(z, eps=1e-5):
     """Per-dimension batch standardisation: BatchNorm1d(affine=False) in training mode, biased variance."""
+    # differs from paper: Alg. 1 divides by the unbiased std without ε; this is the official code's BatchNorm form,
+    # biased variance and ε; effect: Alg. 1's C is (N − 1)/N times this one (0.998 at N = 512)
     return (z - z.mean(dim=0)) / torch.sqrt(z.var(dim=0, unbiased=False) + eps)
 
 
@@ -122,7 +117,6 @@ def barlow_twins_loss(z1, z2, lambd):
     on_diag = (1 - c.diagonal()).pow(2).sum()  # invariance term
     off_diag = c.pow(2).sum() - c.diagonal().pow(2).sum()  # redundancy reduction term
     return on_diag + lambd * off_diag
-# --8<-- [end:loss]
 
 
 def build_model(args):
@@ -156,13 +150,11 @@ def main(args):
         factor = optim.warmup_cosine(run.step, total, warmup, 1.0, final=1e-3)
         for group in optimizer.param_groups:
             group["lr"] = factor * group["peak"]
-        # --8<-- [start:train-step]
         with run.autocast():
             loss, stats = model(y1, y2)  # Eq. 1 on the global batch
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        # --8<-- [end:train-step]
         run.log(loss, lr=optimizer.param_groups[0]["lr"], **stats)
 
 

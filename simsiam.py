@@ -2,8 +2,9 @@
 Xinlei Chen, Kaiming He. CVPR 2021. arXiv:2011.10566.
 
 Two views of an image go through the same encoder f (backbone + projection MLP); a prediction MLP h
-maps one view's output to the other's, whose gradient is stopped. With neither negative pairs nor a
-momentum encoder, the stop-gradient alone keeps the representation from collapsing.
+maps one view's output to the other's, whose gradient is stopped. There are neither negative pairs nor a
+momentum encoder: the stop-gradient and the predictor together keep the representation from collapsing
+(without the stop-gradient it collapses, §4.1; without h too, §4.2).
 
     uv run simsiam.py                                     # CIFAR-10, paper appendix D recipe
     uv run simsiam.py --dataset imagenet --data-dir DIR   # the paper's ImageNet recipe
@@ -23,7 +24,6 @@ from common import cli, data, dist, optim, resnet
 from common.train import Run, fp32
 
 
-# --8<-- [start:args]
 @dataclass
 class Args(cli.System):
     epochs: int = 800  # CIFAR-10: 800 epochs; paper App. D
@@ -42,10 +42,8 @@ class Args(cli.System):
 PRESETS = {  # the paper's ImageNet recipe, §3 (baseline settings): ResNet-50, 100 epochs, batch 512, lr 0.05, wd 1e-4
     "imagenet": dict(arch="resnet50", epochs=100, lr=0.05, wd=1e-4, proj_layers=3, fix_pred_lr=True, blur=True),
 }
-# --8<-- [end:args]
 
 
-# --8<-- [start:augment]
 def augment(args):
     """One view: the MoCo v2 augmentation the paper uses (§3, App. A)."""
     blur = [v2.RandomApply([v2.GaussianBlur(23, sigma=(0.1, 2.0))], p=0.5)] if args.blur else []
@@ -57,10 +55,8 @@ def augment(args):
         v2.RandomHorizontalFlip(),
         data.normalize(args.dataset),
     ])
-# --8<-- [end:augment]
 
 
-# --8<-- [start:model]
 def projection_mlp(in_dim, dim, layers):
     """f's projection MLP: BN on every layer, ReLU on all but the last, whose BN has no affine; §3. The hidden
     layers keep the backbone's width in_dim (2048 for ResNet-50, 512 for ResNet-18), as the official builder.py."""
@@ -92,16 +88,13 @@ class SimSiam(nn.Module):
         loss = D(p1, z2) / 2 + D(p2, z1) / 2  # Eq. 4: the symmetrised loss with stop-gradient
         std_z = F.normalize(fp32(z1.detach()), dim=1).std(dim=0).mean()  # ≈ 1/√dim when healthy, → 0 on collapse
         return loss, {"std_z": std_z}
-# --8<-- [end:model]
 
 
-# --8<-- [start:loss]
 def D(p, z):
     """Eq. 3: D(p, stopgrad(z)), the negative cosine similarity of Eq. 1 with z a constant, batch-averaged."""
     p = F.normalize(fp32(p), dim=1)  # p / ‖p‖₂, in float32 under autocast
     z = F.normalize(fp32(z.detach()), dim=1)  # stopgrad(z) / ‖z‖₂: z is a constant here
     return -(p * z).sum(dim=1).mean()
-# --8<-- [end:loss]
 
 
 def build_model(args):
@@ -125,13 +118,11 @@ def main(args):
     for x1, x2 in run.batches(loader):
         lr = optim.cosine(run.epoch, args.epochs, init_lr)  # cosine decay per epoch, no warmup; paper §3
         optim.set_lr(optimizer, lr)
-        # --8<-- [start:train-step]
         with run.autocast():
             loss, stats = model(x1, x2)  # Eq. 4, stop-gradient inside D (Eq. 3)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        # --8<-- [end:train-step]
         run.log(loss, lr=lr, **stats)
 
 

@@ -28,7 +28,6 @@ from common import cli, data, dist, optim, resnet
 from common.train import Run, fp32
 
 
-# --8<-- [start:args]
 @dataclass
 class Args(cli.System):
     epochs: int = 800  # CIFAR-10: 800 epochs, as SimSiam App. D (paper: 100 on ImageNet)
@@ -47,10 +46,8 @@ class Args(cli.System):
 PRESETS = {  # the paper's ImageNet recipe: ResNet-50, 100 epochs, N 1024, SGD lr 0.05 × N/256, wd 1e-4
     "imagenet": dict(arch="resnet50", epochs=100, batch_size=1024, wd=1e-4, blur=True),
 }
-# --8<-- [end:args]
 
 
-# --8<-- [start:augment]
 def augment(args):
     """One view, both views alike: MoCo v2's augmentation, as the official code."""
     blur = [v2.RandomApply([v2.GaussianBlur(23, sigma=(0.1, 2.0))], p=0.5)] if args.blur else []
@@ -62,10 +59,8 @@ def augment(args):
         v2.RandomHorizontalFlip(),
         data.normalize(args.dataset),
     ])
-# --8<-- [end:augment]
 
 
-# --8<-- [start:model]
 def projector(in_dim, dim):
     """Three Linear layers of width dim: bias-free with BN + ReLU on the first two, the last with bias."""
     return nn.Sequential(nn.Linear(in_dim, dim, bias=False), nn.BatchNorm1d(dim), nn.ReLU(inplace=True),
@@ -100,10 +95,8 @@ class UniGrad(nn.Module):
         loss = unigrad_loss(z1, z2, z1m, z2m, self.F, self.lambd)
         pos_sim = ((z1 * z2m).sum(1).mean() + (z2 * z1m).sum(1).mean()).detach() / 2  # cos(u₁, u₂ᵐ)
         return loss, {"pos_sim": pos_sim}
-# --8<-- [end:model]
 
 
-# --8<-- [start:loss]
 def unigrad_loss(z1, z2, z1m, z2m, F, lambd):
     """A surrogate whose gradient is UniGrad's (the official README's table): ∂L/∂u₁ = ½(−u₂ᵐ + λ·F u₁)/n per
     sample, n the rows here (DDP's average over ranks makes it 1/N), and the same for view 2. z1, z2 online
@@ -117,10 +110,8 @@ def unigrad_loss(z1, z2, z1m, z2m, F, lambd):
         loss1 = (g1.detach() * z1).sum(dim=1).mean()  # ⟨sg(g₁), u₁⟩: its gradient in u₁ is g₁ / n
         loss2 = (g2.detach() * z2).sum(dim=1).mean()
         return (loss1 + loss2) / 2
-# --8<-- [end:loss]
 
 
-# --8<-- [start:update]
 @torch.no_grad()
 def update_F(F, F_ready, z1m, z2m, rho):
     """F ← ρ·F + (1 − ρ)·F_batch, F_batch = (u₁ᵐᵀu₁ᵐ + u₂ᵐᵀu₂ᵐ)/(2N) over the global batch; F ← F_batch
@@ -144,7 +135,6 @@ def momentum_update(online, momentum, m):
 def momentum_schedule(k, K, m_base):
     """m = 1 − (1 − m_base)·(cos(πk/K) + 1)/2 at step k of K: m_base at the start, 1 at the end."""
     return 1 - (1 - m_base) * (math.cos(math.pi * k / K) + 1) / 2
-# --8<-- [end:update]
 
 
 def build_model(args):
@@ -171,13 +161,11 @@ def main(args):
         lr = optim.warmup_cosine(run.step, total, warmup, init_lr, final=1e-3 * init_lr)
         optim.set_lr(optimizer, lr)
         net.m.fill_(momentum_schedule(run.step, total, args.m_base))  # per step, from the step count
-        # --8<-- [start:train-step]
         with run.autocast():
             loss, stats = model(x1, x2)  # momentum update, F update, the surrogate loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        # --8<-- [end:train-step]
         run.log(loss, lr=lr, m=net.m, **stats)
 
 

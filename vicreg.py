@@ -25,7 +25,6 @@ from common import cli, data, dist, optim, resnet
 from common.train import Run, fp32
 
 
-# --8<-- [start:args]
 @dataclass
 class Args(cli.System):
     epochs: int = 1000  # CIFAR-10: 1000 epochs; solo-learn cifar/vicreg.yaml (paper: 1000 on ImageNet)
@@ -48,10 +47,8 @@ PRESETS = {  # the paper's ImageNet recipe, §4.2: ResNet-50, LARS lr 0.2 × N/2
     "imagenet": dict(arch="resnet50", epochs=1000, batch_size=2048, lr=0.2, wd=1e-6, dim=8192, crop_min=0.08,
                      blur1=1.0, blur2=0.1, solarize1=0.0, solarize2=0.2),
 }
-# --8<-- [end:args]
 
 
-# --8<-- [start:augment]
 def augment(args, blur, solarize):
     """One view, official augmentations.py (BYOL's): the views differ only in blur and solarization probabilities."""
     kernel = (args.image_size // 10) // 2 * 2 + 1  # ≈ 10% of the side, odd (23 at 224)
@@ -68,10 +65,8 @@ def augment(args, blur, solarize):
         v2.RandomSolarize(threshold=128, p=solarize),  # x ← 255 − x where x ≥ 128 (0.5 in [0, 1])
         data.normalize(args.dataset),
     ])
-# --8<-- [end:augment]
 
 
-# --8<-- [start:model]
 def expander(in_dim, dim):
     """h_φ: three Linear layers of width dim, BN + ReLU after the first two (§4.2); the last without bias
     (official code)."""
@@ -97,10 +92,8 @@ class VICReg(nn.Module):
         loss = vicreg_loss(z_all, z_all_, *self.coeffs)  # the same global value on every rank
         std = torch.sqrt(fp32(z_all.detach()).var(dim=0) + 1e-4).mean()  # → 0 on collapse; the hinge aims at ≥ 1
         return loss, {"std": std, "inv": F.mse_loss(fp32(z_all.detach()), fp32(z_all_.detach()))}
-# --8<-- [end:model]
 
 
-# --8<-- [start:loss]
 def variance(z, gamma=1.0, eps=1e-4):
     """Eq. 1 and 2: v(Z) = (1/d) Σ_j max(0, γ − S(z^j, ε)), S(x, ε) = √(Var(x) + ε), unbiased Var."""
     std = torch.sqrt(z.var(dim=0) + eps)  # (d,)
@@ -126,7 +119,6 @@ def vicreg_loss(x, y, sim_coeff, std_coeff, cov_coeff):
         std_loss = variance(x) / 2 + variance(y) / 2  # variance, Eq. 1, halved
         cov_loss = covariance(x) + covariance(y)  # covariance, Eq. 4
         return sim_coeff * repr_loss + std_coeff * std_loss + cov_coeff * cov_loss
-# --8<-- [end:loss]
 
 
 def build_model(args):
@@ -154,13 +146,11 @@ def main(args):
         # warmup, then cosine per step down to 1e-3 × the peak; official code
         lr = optim.warmup_cosine(run.step, total, warmup, init_lr, final=1e-3 * init_lr)
         optim.set_lr(optimizer, lr)
-        # --8<-- [start:train-step]
         with run.autocast():
             loss, stats = model(x1, x2)  # Eq. 6 on the global batch
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        # --8<-- [end:train-step]
         run.log(loss, lr=lr, **stats)
 
 
