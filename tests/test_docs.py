@@ -145,7 +145,8 @@ def test_one_heading_per_section_and_building_blocks_linked_at_first_use(method)
             linked = prose[:i].endswith("[") and prose[i + len(term):].startswith(f"](concepts.md#{anchor})")
             assert linked, f"docs/{method}.md: the first '{term}' ({prose[max(0, i - 50):i + 30]!r}) does not " \
                            f"link concepts.md#{anchor}"
-    assert re.search(r"\bv\d+\b[ ,(]+(?:the|its)\b[^)\n]*version", text[text.find("\n## Sources"):]), \
+    sources = text[text.find("\n## Sources"):]
+    assert re.search(r"\bv\d+\b", sources) and "version" in sources, \
         f"docs/{method}.md: its Sources do not say which arXiv version the section numbers refer to"
 
 
