@@ -9,7 +9,8 @@ functions (`tf_image.Batched`: SimCLR's and BYOL's TF operations) are called as 
 batch: the CPU loader runs the very same function on one image.
 
 Where it differs from the CPU path, by design:
-- values stay float between operations, where PIL rounds to uint8 after each;
+- values stay float between operations, where PIL rounds to uint8 after each (PIL's blur, computed as PIL
+  does, rounds as PIL: equal to PIL's on the same σ and image);
 - the random numbers come from one generator per step on the device, seeded by (seed, rank, step):
   a resume is exact on the same device, but a sample's views depend on the batch it is in (the CPU
   path seeds each sample, so its views do not depend on the number of ranks or workers).
@@ -187,6 +188,54 @@ def gaussian_blur(x, kernel_size, sigma):
     return x.view(n, c, height, width)
 
 
+def pil_box_radius(sigma, passes=3):
+    """Pillow's _gaussian_blur_radius (BoxBlur.c) per sample, in its float32 and double arithmetic: the radius of
+    the extended box whose `passes`-fold repetition has the variance σ² (Gwosdek et al. 2011, Eq. 7, 11, 14); its
+    integer part is the box, its fraction the weight of the two pixels just outside it."""
+    sigma2 = sigma.to(torch.float32) ** 2 / passes  # σ arrives as a C float
+    L = torch.sqrt(12.0 * sigma2.double() + 1.0).float()  # box length
+    l = torch.floor((L.double() - 1.0) / 2.0).float()  # integer part of the radius  # noqa: E741
+    a = (2 * l + 1) * (l * (l + 1) - 3 * sigma2) / (6 * (sigma2 - (l + 1) * (l + 1)))  # fractional part
+    return l + a
+
+
+def _box_pass(q, r, ww, fw, r_max):
+    """One pass of Pillow's ImagingLineBoxBlur32 along the last axis of the grey levels q (n, c, H, W), int64:
+    out(x) = (ww·Σ_{|k|≤r} q(x+k) + fw·(q(x−r−1) + q(x+r+1)) + 2²³) >> 24, the image's edge pixels repeated
+    beyond it; r, ww, fw (n, 1, 1, 1) per sample, each r in 0 .. r_max."""
+    width, pad = q.shape[-1], r_max + 1
+    clamped = torch.arange(-pad, width + pad, device=q.device).clamp_(0, width - 1)
+    qp = q.index_select(-1, clamped)  # (n, c, H, W + 2·pad), the edges repeated
+    sums = torch.cat([torch.zeros_like(qp[..., :1]), qp.cumsum(-1)], -1)  # sums[i] = Σ qp[:i]
+    out = torch.zeros_like(q)
+    for k in range(r_max + 1):  # each radius the batch may hold, as slices (r ≤ σ: one or two values)
+        box = sums[..., pad + k + 1:pad + k + 1 + width] - sums[..., pad - k:pad - k + width]
+        far = qp[..., pad - k - 1:pad - k - 1 + width] + qp[..., pad + k + 1:pad + k + 1 + width]
+        out = torch.where(r == k, box * ww + far * fw, out)
+    return (out + (1 << 23)) >> 24  # PIL's rounding to a grey level, after each pass
+
+
+def pil_gaussian_blur(x, sigma, max_sigma=None, passes=3):
+    """PIL's ImageFilter.GaussianBlur(radius=σ) with a σ per sample (n,), on x (n, c, H, W) in [0, 1]. Computed as
+    Pillow's BoxBlur.c does, in its integer arithmetic: the pixels as grey levels (PIL holds uint8), three passes
+    of an extended box filter along the width, then three along the height (ImagingBoxBlur), each pass rounded to
+    grey levels; so the result equals PIL's on the same σ and image. `max_sigma` bounds σ (else read off it)."""
+    radius = pil_box_radius(sigma, passes)  # (n,)
+    r = radius.to(torch.int64)  # (int)floatRadius
+    ww = (float(1 << 24) / (radius * 2 + 1)).to(torch.int64)  # the box's weight ×2²⁴, float32, truncated
+    fw = ((1 << 24) - (r * 2 + 1) * ww) // 2  # the two far pixels' weight ×2²⁴
+    r, ww, fw = (_per_sample(t) for t in (r, ww, fw))
+    top = torch.tensor([max_sigma if max_sigma is not None else float(sigma.max())])
+    r_max = int(pil_box_radius(top, passes))  # the radius grows with σ
+    q = x.mul(255).round_().clamp_(0, 255).to(torch.int64)
+    for _ in range(passes):
+        q = _box_pass(q, r, ww, fw, r_max)
+    q = q.transpose(-1, -2).contiguous()  # (ImagingTranspose) the height as the last axis
+    for _ in range(passes):
+        q = _box_pass(q, r, ww, fw, r_max)
+    return q.transpose(-1, -2).to(x.dtype).div_(255)
+
+
 # --- the method's pipeline, read off its transforms -----------------------------------------------
 
 def _with_p(p, op):
@@ -238,6 +287,10 @@ def _translate(t, scale):
     if isinstance(t, v2.RandomSolarize):
         threshold = t.threshold / scale  # in [0, 1], as the device pipeline's values
         return [_with_p(t.p, lambda x, g: solarize(x, threshold))], scale
+    if isinstance(t, data.PILGaussianBlur):
+        def pil_blur(x, g):
+            return pil_gaussian_blur(x, _uniform(g, (len(x),), *t.sigma), max_sigma=max(t.sigma))
+        return [pil_blur], scale
     if isinstance(t, v2.GaussianBlur):
         def blur(x, g):
             return gaussian_blur(x, t.kernel_size, _uniform(g, (len(x),), *t.sigma))

@@ -104,6 +104,47 @@ def test_blur_matches_torchvision_per_sigma():
         torch.testing.assert_close(ga.gaussian_blur(x, kernel, sigma), expected, rtol=0, atol=1e-12)
 
 
+def pil_blur(image, sigma):
+    """PIL's ImageFilter.GaussianBlur(radius=σ) on a uint8 image (3, H, W), as the official codes call it."""
+    from PIL import ImageFilter
+    return TF.pil_to_tensor(TF.to_pil_image(image).filter(ImageFilter.GaussianBlur(radius=sigma)))
+
+
+@pytest.mark.parametrize("height,width,n", [(1, 1, 4), (1, 6, 4), (5, 2, 4), (9, 7, 8), (32, 32, 8), (17, 61, 4),
+                                            (224, 224, 2)])
+def test_pil_blur_equals_pil_exactly(height, width, n):
+    """PIL's blur as Pillow computes it (integer box passes, each rounded to grey levels): equal to PIL's own on the
+    same σ and image, every pixel (0 grey levels apart; a sampled Gaussian, a missing rounding or a wrong box
+    radius moves pixels by one or more). σ at both ends of the recipes' range, beyond it (a box wider than the
+    tiny images) and drawn; through the pipeline, whose σ the test redraws from the same generator."""
+    image = torch.randint(0, 256, (n, 3, height, width), generator=gen(30), dtype=torch.uint8)
+    x = image.float() / 255
+    sigma = torch.tensor([0.1, 2.0, 0.6, 7.5] + [0.1 + 1.9 * i / n for i in range(n - 4)])[:n]
+    ours = (ga.pil_gaussian_blur(x, sigma) * 255).round().byte()
+    for i in range(n):
+        assert torch.equal(ours[i], pil_blur(image[i], float(sigma[i]))), (i, float(sigma[i]))
+    transform = v2.Compose([v2.RandomApply([data.PILGaussianBlur(sigma=(0.1, 2.0))], p=1.0),
+                            v2.ToDtype(torch.float32, scale=True)])
+    ours = (ga.Pipeline(transform)(x, gen(31)) * 255).round().byte()
+    g = gen(31)
+    ga._rand(g, n)  # RandomApply's draws
+    sigma = ga._uniform(g, (n,), 0.1, 2.0)
+    for i in range(n):
+        assert torch.equal(ours[i], pil_blur(image[i], float(sigma[i]))), (i, float(sigma[i]))
+
+
+def test_pil_blur_transform_is_pils_filter_with_sigma_from_torch():
+    """The CPU path's transform: PIL's filter with the σ it drew from torch's generator, uniform in its range."""
+    image = torch.randint(0, 256, (3, 12, 10), generator=gen(32), dtype=torch.uint8)
+    blur = data.PILGaussianBlur(sigma=(0.1, 2.0))
+    torch.manual_seed(5)
+    sigma = torch.empty(1).uniform_(0.1, 2.0).item()
+    torch.manual_seed(5)
+    assert torch.equal(TF.pil_to_tensor(blur(TF.to_pil_image(image))), pil_blur(image, sigma))
+    with pytest.raises(TypeError, match="PIL images"):
+        blur(image)
+
+
 @pytest.mark.parametrize("mode", [v2.InterpolationMode.BILINEAR, v2.InterpolationMode.BICUBIC])
 def test_resized_crop_matches_pil_as_the_cpu_path_does_it(mode):
     """The CPU path crops and resizes PIL images: the pipeline's float result is within PIL's rounding
@@ -179,6 +220,22 @@ def test_blur_rate_and_sigma_follow_torchvision():
     torch.manual_seed(0)
     theirs = torch.stack([transform(impulse[0])[0, 4, 4] for _ in range(n)])
     assert rate_ok(int((ours < 1).sum()), n, 0.5)
+    assert ks(ours, theirs) < KS * math.sqrt(2 / n)
+
+
+def test_pil_blur_rate_and_sigma_follow_the_cpu_path():
+    """The centre of a blurred impulse is a function of σ (255 when not blurred): its distribution over draws on the
+    device matches the CPU path's (PIL's filter on the PIL image), and the rate is RandomApply's."""
+    n = 2000
+    transform = v2.Compose([v2.RandomApply([data.PILGaussianBlur(sigma=(0.1, 2.0))], p=0.5),
+                            v2.ToImage(), v2.ToDtype(torch.float32, scale=True)])
+    impulse = torch.zeros(1, 3, 11, 11)
+    impulse[..., 5, 5] = 1.0
+    ours = ga.Pipeline(transform)(impulse.expand(n, -1, -1, -1), gen(33))[:, 0, 5, 5]
+    pil = to_pil(impulse[0])
+    torch.manual_seed(0)
+    theirs = torch.stack([transform(pil)[0, 5, 5] for _ in range(n)])
+    assert rate_ok(int((ours < 1).sum()), n, 0.5) and rate_ok(int((theirs < 1).sum()), n, 0.5)
     assert ks(ours, theirs) < KS * math.sqrt(2 / n)
 
 
