@@ -54,17 +54,13 @@ PRESETS = {  # the paper's ImageNet recipe: ResNet-50, LARS, N 2048, lr 0.2 / 0.
 
 def augment(args, blur, solarize):
     """One view, as BYOL ('s augmentations): the views differ only in blur and solarization probabilities."""
-    kernel = (args.image_size // 10) // 2 * 2 + 1  # ≈ 10% of the side, odd (23 at 224)
     return v2.Compose([
         v2.RandomResizedCrop(args.image_size, scale=(args.crop_min, 1.0), antialias=True,
                              interpolation=v2.InterpolationMode.BICUBIC),
         v2.RandomHorizontalFlip(),
         v2.RandomApply([v2.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),  # brightness, contrast, saturation, hue
         v2.RandomGrayscale(p=0.2),
-        # differs from official code: torchvision's blur, a fixed kernel of ≈10% of the side (23 px at 224),
-        # reflection padding, where main.py applies PIL's GaussianBlur(σ) (no fixed kernel size); the same σ range;
-        # expected effect: small (the blur's extent at large σ); off in the CIFAR-10 recipe (p 0)
-        v2.RandomApply([v2.GaussianBlur(kernel, sigma=(0.1, 2.0))], p=blur),
+        v2.RandomApply([data.PILGaussianBlur(sigma=(0.1, 2.0))], p=blur),  # PIL's GaussianBlur(σ), as main.py
         v2.RandomSolarize(threshold=128, p=solarize),  # x ← 255 − x where x ≥ 128 (0.5 in [0, 1])
         data.normalize(args.dataset),
     ])

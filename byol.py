@@ -64,16 +64,13 @@ def augment(args, blur, solarize):
             data.normalize(args.dataset),
         ])
     # CIFAR-10: solo-learn's pipeline (pretrain_dataloader.py), torchvision's operations on PIL images
-    kernel = (args.image_size // 10) // 2 * 2 + 1  # ≈ 10% of the side, odd (23 at 224); App. B
     return v2.Compose([
         v2.RandomResizedCrop(args.image_size, scale=(args.crop_min, 1.0), antialias=True,
                              interpolation=v2.InterpolationMode.BICUBIC),
         v2.RandomHorizontalFlip(),
         v2.RandomApply([v2.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),  # brightness, contrast, saturation, hue
         v2.RandomGrayscale(p=0.2),
-        # differs from official code: torchvision's blur (fixed kernel, reflection padding) where solo-learn uses PIL's
-        # GaussianBlur; off in the CIFAR-10 recipe (p 0 for both views), so no effect there
-        v2.RandomApply([v2.GaussianBlur(kernel, sigma=(0.1, 2.0))], p=blur),
+        v2.RandomApply([data.PILGaussianBlur(sigma=(0.1, 2.0))], p=blur),  # PIL's, as solo-learn (p 0 on CIFAR-10)
         v2.RandomSolarize(threshold=128, p=solarize),  # x ← 255 − x where x ≥ 128 (0.5 in [0, 1])
         data.normalize(args.dataset),
     ])

@@ -48,14 +48,14 @@ PRESETS = {  # the paper's ImageNet recipe, MoCo v2 §3: ResNet-50, 200 epochs, 
 
 def augment(args):
     """One view (query and key alike): "aug+", MoCo v2 §3, SimCLR's augmentation with weaker jitter."""
-    blur = [v2.RandomApply([v2.GaussianBlur(23, sigma=(0.1, 2.0))], p=0.5)] if args.blur else []
+    blur = [v2.RandomApply([data.PILGaussianBlur(sigma=(0.1, 2.0))], p=0.5)] if args.blur else []  # PIL's, as loader.py
     return v2.Compose([
         # differs from official code: the CIFAR demo crops at scale (0.08, 1); main_moco.py's (0.2, 1) is kept at every
         # size, so the recipe stays the ImageNet one; expected effect: milder crops than the demo's, not measured here
         v2.RandomResizedCrop(args.image_size, scale=(0.2, 1.0), antialias=True),
         v2.RandomApply([v2.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
         v2.RandomGrayscale(p=0.2),
-        *blur,  # differs from official code: a 23-px kernel (≈10% of 224) where its PIL blur has no fixed size
+        *blur,
         v2.RandomHorizontalFlip(),
         # differs from official code: on CIFAR-10 the demo normalises with std (0.2023, 0.1994, 0.2010), not the
         # dataset's (0.2470, 0.2435, 0.2616) used here and in the evaluation; inputs ≈ 0.8× the demo's, which the BN

@@ -46,12 +46,12 @@ PRESETS = {  # the paper's ImageNet recipe, §3 (baseline settings): ResNet-50, 
 
 def augment(args):
     """One view: the MoCo v2 augmentation the paper uses (§3, App. A)."""
-    blur = [v2.RandomApply([v2.GaussianBlur(23, sigma=(0.1, 2.0))], p=0.5)] if args.blur else []
+    blur = [v2.RandomApply([data.PILGaussianBlur(sigma=(0.1, 2.0))], p=0.5)] if args.blur else []  # PIL's, as loader.py
     return v2.Compose([
         v2.RandomResizedCrop(args.image_size, scale=(args.crop_min, 1.0), antialias=True),
         v2.RandomApply([v2.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),  # brightness, contrast, saturation, hue
         v2.RandomGrayscale(p=0.2),
-        *blur,  # differs from official code: a 23-px kernel (≈10% of 224) where its PIL blur has no fixed size
+        *blur,
         v2.RandomHorizontalFlip(),
         data.normalize(args.dataset),
     ])

@@ -50,12 +50,12 @@ PRESETS = {  # the paper's ImageNet recipe: ResNet-50, 100 epochs, N 1024, SGD l
 
 def augment(args):
     """One view, both views alike: MoCo v2's augmentation, as the official code."""
-    blur = [v2.RandomApply([v2.GaussianBlur(23, sigma=(0.1, 2.0))], p=0.5)] if args.blur else []
+    blur = [v2.RandomApply([data.PILGaussianBlur(sigma=(0.1, 2.0))], p=0.5)] if args.blur else []  # PIL's, as loader.py
     return v2.Compose([
         v2.RandomResizedCrop(args.image_size, scale=(0.2, 1.0), antialias=True),
         v2.RandomApply([v2.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),  # brightness, contrast, saturation, hue
         v2.RandomGrayscale(p=0.2),
-        *blur,  # differs from official code: a 23-px kernel (≈10% of 224) where its PIL blur has no fixed size
+        *blur,
         v2.RandomHorizontalFlip(),
         data.normalize(args.dataset),
     ])

@@ -61,7 +61,7 @@ class System:
     amp: bool = True  # bf16 autocast on CUDA (the losses stay float32)
     compile: bool = False  # torch.compile the model
     compile_backend: str = "inductor"  # torch.compile's backend (aot_eager: trace only, no code generation)
-    gpu_augment: bool = False  # augment whole batches on the device, the training set held there (<= 64 px)
+    gpu_augment: bool = False  # augment whole batches on the device (<= 64 px held there; larger: crops in the loader)
     device: typing.Literal["auto", "cuda", "cpu"] = "auto"  # auto: cuda when available
 
 

@@ -35,6 +35,26 @@ def normalize(dataset):
     return v2.Compose([v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)])
 
 
+class PILGaussianBlur(v2.Transform):
+    """PIL's `ImageFilter.GaussianBlur(radius=σ)`, σ uniform in `sigma`, on a PIL image: the blur the official PyTorch
+    codes apply (MoCo v2's loader.py GaussianBlur, and the codes that copy it). PIL approximates the Gaussian by
+    three passes of an extended box filter along each axis (Pillow's BoxBlur.c), so it has no kernel size;
+    common/gpu_augment.py pil_gaussian_blur computes the same on tensors."""
+
+    def __init__(self, sigma=(0.1, 2.0)):
+        super().__init__()
+        self.sigma = sigma
+
+    def make_params(self, flat_inputs):
+        return {"sigma": torch.empty(1).uniform_(*self.sigma).item()}  # from torch's generator, as v2's transforms
+
+    def transform(self, inpt, params):
+        from PIL import Image, ImageFilter
+        if not isinstance(inpt, Image.Image):
+            raise TypeError(f"PILGaussianBlur takes PIL images, not {type(inpt).__name__}: put it before ToImage")
+        return inpt.filter(ImageFilter.GaussianBlur(radius=params["sigma"]))
+
+
 def eval_transform(dataset, image_size, interpolation="bilinear"):
     """No augmentation: resize (to 256/224 of the crop for large images; `interpolation` bilinear or bicubic) and
     centre-crop."""

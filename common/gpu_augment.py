@@ -1,18 +1,23 @@
 """--gpu-augment: a method's own augmentation, run on whole batches on the device.
 
-At 32 px the CPU loader, not the GPU, bounds the speed. With --gpu-augment the training images stay
-on the device as uint8 and each view's pipeline runs on a whole batch at once, every sample with its
-own random parameters. The pipeline is read off the method's `v2.Compose` (crop scale and ratio,
-jitter ranges, probabilities, blur kernel...), so the device path cannot drift from the CPU path; a
-transform this module does not know is an error, never skipped. The steps a method writes as batched
-functions (`tf_image.Batched`: SimCLR's and BYOL's TF operations) are called as they are, on the
-batch: the CPU loader runs the very same function on one image.
+The CPU loader, not the GPU, bounds the speed. With --gpu-augment each view's pipeline runs on a whole batch
+at once on the device, every sample with its own random parameters. Small images (CIFAR-size) stay on the
+device as uint8 and the whole pipeline runs there; full-size images (ImageNet) are decoded, cropped, resized
+and flipped per image by the loader workers (the geometry, which must happen before the batch has one size)
+and the device applies the colour, grayscale, blur and solarization to the batch. The pipeline is read off
+the method's `v2.Compose` (crop scale and ratio, jitter ranges, probabilities, blur σ...), so the device path
+cannot drift from the CPU path; a transform this module does not know is an error, never skipped. The steps
+a method writes as batched functions (`tf_image.Batched`: SimCLR's and BYOL's TF operations) are called as
+they are, on the batch: the CPU loader runs the very same function on one image.
 
 Where it differs from the CPU path, by design:
-- values stay float between operations, where PIL rounds to uint8 after each;
+- values stay float between operations, where PIL rounds to uint8 after each (PIL's blur, computed as PIL
+  does, rounds as PIL: equal to PIL's on the same σ and image);
 - the random numbers come from one generator per step on the device, seeded by (seed, rank, step):
   a resume is exact on the same device, but a sample's views depend on the batch it is in (the CPU
-  path seeds each sample, so its views do not depend on the number of ranks or workers).
+  path seeds each sample, so its views do not depend on the number of ranks or workers; streamed, the
+  geometry still is drawn so, per sample);
+- streamed, a flip that the recipe writes after its colour steps runs before them (they commute).
 """
 import math
 
@@ -23,8 +28,8 @@ from torchvision.transforms import v2
 
 from common import data, dist, tf_image
 
-MAX_SIDE = 64  # the small-image datasets, those the CIFAR stem is for
-MAX_BYTES = 4 * 2**30  # the uint8 training set held on each device
+MAX_SIDE = 64  # held on the device: the small-image datasets, those the CIFAR stem is for
+MAX_BYTES = 4 * 2**30  # the most of a uint8 training set held on each device
 
 
 class Unsupported(ValueError):
@@ -187,6 +192,54 @@ def gaussian_blur(x, kernel_size, sigma):
     return x.view(n, c, height, width)
 
 
+def pil_box_radius(sigma, passes=3):
+    """Pillow's _gaussian_blur_radius (BoxBlur.c) per sample, in its float32 and double arithmetic: the radius of
+    the extended box whose `passes`-fold repetition has the variance σ² (Gwosdek et al. 2011, Eq. 7, 11, 14); its
+    integer part is the box, its fraction the weight of the two pixels just outside it."""
+    sigma2 = sigma.to(torch.float32) ** 2 / passes  # σ arrives as a C float
+    L = torch.sqrt(12.0 * sigma2.double() + 1.0).float()  # box length
+    l = torch.floor((L.double() - 1.0) / 2.0).float()  # integer part of the radius  # noqa: E741
+    a = (2 * l + 1) * (l * (l + 1) - 3 * sigma2) / (6 * (sigma2 - (l + 1) * (l + 1)))  # fractional part
+    return l + a
+
+
+def _box_pass(q, r, ww, fw, r_max):
+    """One pass of Pillow's ImagingLineBoxBlur32 along the last axis of the grey levels q (n, c, H, W), int64:
+    out(x) = (ww·Σ_{|k|≤r} q(x+k) + fw·(q(x−r−1) + q(x+r+1)) + 2²³) >> 24, the image's edge pixels repeated
+    beyond it; r, ww, fw (n, 1, 1, 1) per sample, each r in 0 .. r_max."""
+    width, pad = q.shape[-1], r_max + 1
+    clamped = torch.arange(-pad, width + pad, device=q.device).clamp_(0, width - 1)
+    qp = q.index_select(-1, clamped)  # (n, c, H, W + 2·pad), the edges repeated
+    sums = torch.cat([torch.zeros_like(qp[..., :1]), qp.cumsum(-1)], -1)  # sums[i] = Σ qp[:i]
+    out = torch.zeros_like(q)
+    for k in range(r_max + 1):  # each radius the batch may hold, as slices (r ≤ σ: one or two values)
+        box = sums[..., pad + k + 1:pad + k + 1 + width] - sums[..., pad - k:pad - k + width]
+        far = qp[..., pad - k - 1:pad - k - 1 + width] + qp[..., pad + k + 1:pad + k + 1 + width]
+        out = torch.where(r == k, box * ww + far * fw, out)
+    return (out + (1 << 23)) >> 24  # PIL's rounding to a grey level, after each pass
+
+
+def pil_gaussian_blur(x, sigma, max_sigma=None, passes=3):
+    """PIL's ImageFilter.GaussianBlur(radius=σ) with a σ per sample (n,), on x (n, c, H, W) in [0, 1]. Computed as
+    Pillow's BoxBlur.c does, in its integer arithmetic: the pixels as grey levels (PIL holds uint8), three passes
+    of an extended box filter along the width, then three along the height (ImagingBoxBlur), each pass rounded to
+    grey levels; so the result equals PIL's on the same σ and image. `max_sigma` bounds σ (else read off it)."""
+    radius = pil_box_radius(sigma, passes)  # (n,)
+    r = radius.to(torch.int64)  # (int)floatRadius
+    ww = (float(1 << 24) / (radius * 2 + 1)).to(torch.int64)  # the box's weight ×2²⁴, float32, truncated
+    fw = ((1 << 24) - (r * 2 + 1) * ww) // 2  # the two far pixels' weight ×2²⁴
+    r, ww, fw = (_per_sample(t) for t in (r, ww, fw))
+    top = torch.tensor([max_sigma if max_sigma is not None else float(sigma.max())])
+    r_max = int(pil_box_radius(top, passes))  # the radius grows with σ
+    q = x.mul(255).round_().clamp_(0, 255).to(torch.int64)
+    for _ in range(passes):
+        q = _box_pass(q, r, ww, fw, r_max)
+    q = q.transpose(-1, -2).contiguous()  # (ImagingTranspose) the height as the last axis
+    for _ in range(passes):
+        q = _box_pass(q, r, ww, fw, r_max)
+    return q.transpose(-1, -2).to(x.dtype).div_(255)
+
+
 # --- the method's pipeline, read off its transforms -----------------------------------------------
 
 def _with_p(p, op):
@@ -238,6 +291,10 @@ def _translate(t, scale):
     if isinstance(t, v2.RandomSolarize):
         threshold = t.threshold / scale  # in [0, 1], as the device pipeline's values
         return [_with_p(t.p, lambda x, g: solarize(x, threshold))], scale
+    if isinstance(t, data.PILGaussianBlur):
+        def pil_blur(x, g):
+            return pil_gaussian_blur(x, _uniform(g, (len(x),), *t.sigma), max_sigma=max(t.sigma))
+        return [pil_blur], scale
     if isinstance(t, v2.GaussianBlur):
         def blur(x, g):
             return gaussian_blur(x, t.kernel_size, _uniform(g, (len(x),), *t.sigma))
@@ -268,8 +325,8 @@ class Pipeline:
     """One view's torchvision v2 pipeline as batched ops: x (n, 3, H, W) float in [0, 1], a generator on
     x's device -> the views, each sample with its own random parameters."""
 
-    def __init__(self, transform):
-        self.ops, scale = _translate(transform, 255.0)
+    def __init__(self, transform, scale=255.0):
+        self.ops, scale = _translate(transform, scale)
         if scale != 1.0:
             raise Unsupported("--gpu-augment expects the pipeline to end with ToDtype(float32, scale=True) and "
                               "Normalize (data.normalize); run without --gpu-augment")
@@ -280,18 +337,53 @@ class Pipeline:
         return x
 
 
+def _flatten(t):
+    return [u for inner in t.transforms for u in _flatten(inner)] if isinstance(t, v2.Compose) else [t]
+
+
+def split(transform):
+    """A view's pipeline cut in two for full-size images: (geometry, rest). The geometry, run per image by the
+    loader workers before the batch has one size, is the crop and the flips (and the conversions before a
+    batched crop: SimCLR's and BYOL's TF crop is their first batched step, on floats, its overshoot kept); the
+    rest, run on the device on the whole batch, is the colour, grayscale, blur, solarization and normalisation,
+    in the pipeline's order. A flip written after colour steps moves before them: it commutes with each of them
+    (pointwise ops, the image mean, blurs symmetric under a mirror). Returns (a v2.Compose giving a plain tensor,
+    a Pipeline)."""
+    geometry, rest, scale = [], [], 255.0
+    for t in _flatten(transform):
+        batched_crop = isinstance(t, tf_image.Batched) and not rest and not any(
+            isinstance(u, tf_image.Batched) for u in geometry)
+        conversion = isinstance(t, (v2.ToImage, v2.ToDtype)) and not rest
+        if isinstance(t, (v2.RandomResizedCrop, v2.RandomHorizontalFlip)) or batched_crop or conversion:
+            geometry.append(t)
+            if isinstance(t, v2.ToDtype):
+                scale = 1.0
+        else:
+            rest.append(t)
+    if not any(isinstance(t, (v2.RandomResizedCrop, tf_image.Batched)) for t in geometry):
+        raise Unsupported("--gpu-augment on full-size images needs a crop that gives the batch one size; "
+                          "run without --gpu-augment")
+    return v2.Compose([*geometry, v2.ToImage(), v2.ToPureTensor()]), Pipeline(v2.Compose(rest), scale)
+
+
+def to_floats(x):
+    """The workers' geometry as the device pipeline's floats: uint8 scaled to [0, 1] (torchvision's ToDtype(float32,
+    scale=True)); floats (a TF crop's, overshoot included) as they are."""
+    return x.to(torch.float32).mul_(1.0 / 255) if x.dtype == torch.uint8 else x
+
+
 # --- the training set on the device ---------------------------------------------------------------
 
+def fits(base):
+    """Whether the training set can be held on the device: images of at most MAX_SIDE px (their first's size),
+    at most MAX_BYTES in all."""
+    width, height = base[0][0].size  # a PIL image
+    return max(width, height) <= MAX_SIDE and len(base) * 3 * height * width <= MAX_BYTES
+
+
 def load(base, device, workers=0):
-    """The images of a dataset of (PIL image, label) pairs as one uint8 tensor (N, 3, H, W) on `device`."""
-    first = v2.functional.pil_to_tensor(base[0][0])
-    c, height, width = first.shape
-    if max(height, width) > MAX_SIDE:
-        raise Unsupported(f"--gpu-augment keeps the training set on the device and takes images of at most "
-                          f"{MAX_SIDE} px (CIFAR-size); these are {width}x{height}: run without --gpu-augment")
-    if len(base) * c * height * width > MAX_BYTES:
-        raise Unsupported(f"--gpu-augment keeps the training set on the device, at most {MAX_BYTES >> 30} GiB; "
-                          f"this one is {len(base) * c * height * width / 2**30:.1f} GiB: run without --gpu-augment")
+    """The images of a dataset of (PIL image, label) pairs as one uint8 tensor (N, 3, H, W) on `device`; None
+    when they do not all have one size."""
     if isinstance(base, torchvision.datasets.CIFAR10):  # and CIFAR100: already one uint8 array (N, H, W, 3)
         return torch.from_numpy(base.data).permute(0, 3, 1, 2).contiguous().to(device)
     loader = torch.utils.data.DataLoader(data.Transformed(base, v2.PILToTensor()), batch_size=256, num_workers=workers)
@@ -300,29 +392,57 @@ def load(base, device, workers=0):
     except RuntimeError as e:
         if "stack expects each tensor to be equal size" not in str(e):
             raise
-        raise Unsupported("--gpu-augment needs training images of one size; run without --gpu-augment") from None
+        return None
 
 
 class DeviceViews:
-    """The two-view batches of a `data.Views` made on the device: images held there as uint8, each
-    view's pipeline applied to the whole batch."""
+    """The two-view batches of a `data.Views` made on the device, each view's pipeline applied to the whole batch.
+
+    Small images of one size (CIFAR-size: `fits`) are held on the device as uint8 and the whole pipeline runs
+    there, crop included. Other images (ImageNet, a folder) are streamed: the loader workers decode each image
+    and apply its views' geometry (`split`: the crop, resize and flip, each sample's own draws from its seed, as
+    the CPU path), and hand the batch over as uint8 (floats after a TF crop); the device applies the rest."""
 
     def __init__(self, views, device, seed, workers=0):
         if not isinstance(views, data.Views):
             raise Unsupported("--gpu-augment takes the loader of a data.Views dataset; run without --gpu-augment")
-        self.t1, self.t2 = Pipeline(views.t1), Pipeline(views.t2)  # unsupported transforms fail before the load
-        self.images = load(views.base, device, workers)
-        self.device, self.seed = device, seed
+        self.device, self.seed, self.workers = device, seed, workers
         self.generator = torch.Generator(device)
+        self.images = None
+        if fits(views.base):
+            self.t1, self.t2 = Pipeline(views.t1), Pipeline(views.t2)  # unsupported transforms fail before the load
+            self.images = load(views.base, device, workers)
+        if self.images is None:  # streamed
+            (g1, self.t1), (g2, self.t2) = split(views.t1), split(views.t2)
+            self.geometry = data.Views(views.base, g1, g2)
+            self.loader = None
+
+    def _generator(self, step):
+        return self.generator.manual_seed(hash((self.seed, dist.rank(), step)) % 2**62)
 
     def views(self, index, step):
-        """The two views of images[index] (index on the device) at global step `step`."""
-        g = self.generator.manual_seed(hash((self.seed, dist.rank(), step)) % 2**62)
+        """The two views of images[index] (index on the device) at global step `step` (held images)."""
+        g = self._generator(step)
         x = self.images[index].to(torch.float32).mul_(1.0 / 255)  # torchvision's ToDtype(float32, scale=True)
         return self.t1(x, g), self.t2(x, g)
 
+    def streamed(self, x1, x2, step):
+        """The two views at global step `step` from the workers' geometry x1, x2 (uint8, or floats)."""
+        g = self._generator(step)
+        x1, x2 = (to_floats(x.to(self.device, non_blocking=True)) for x in (x1, x2))
+        return self.t1(x1, g), self.t2(x2, g)
+
     def epoch(self, sampler, batch_size, step):
         """The rest of the sampler's epoch (its indices, this rank's) in batches, the first at `step`."""
+        if self.images is None:
+            if self.loader is None:  # made once: its workers persist over the epochs, the sampler is the run's
+                self.loader = torch.utils.data.DataLoader(
+                    self.geometry, batch_size, sampler=sampler, num_workers=self.workers, drop_last=True,
+                    pin_memory=self.device.type == "cuda", persistent_workers=self.workers > 0,
+                    generator=torch.Generator().manual_seed(self.seed))  # leaves the global generator alone
+            for b, (x1, x2) in enumerate(self.loader):
+                yield self.streamed(x1, x2, step + b)
+            return
         order = torch.tensor([i for i, _ in sampler]).to(self.device)  # one copy per epoch
         for b in range(len(order) // batch_size):
             yield self.views(order[b * batch_size:(b + 1) * batch_size], step + b)

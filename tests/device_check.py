@@ -13,7 +13,9 @@ back what it measured:
 2. learning: SimCLR, BYOL and VICReg trained 10 epochs (warmup 1 epoch where the method has one) and
    their final-epoch kNN top-1 (the monitor's: k 200, t 0.1, the test set against the training set);
 3. SimCLR and SimSiam again with --compile (speed as in 1);
-4. the other methods trained 10 epochs, as long as the time left allows.
+4. the loader at 224 px, every method's recipe on full-size JPEGs (the training images enlarged to 500 x 375):
+   samples/s per GPU (one process, its --workers) with and without --gpu-augment, the batches on the GPU;
+5. the other methods trained 10 epochs, as long as the time left allows.
 
 An item whose estimated time does not fit in what is left of --budget is skipped and listed as such;
 an item that fails is recorded with its error and the check goes on. DIR receives results.json,
@@ -62,10 +64,14 @@ class Settings:
     workers: int
     backend: str  # torch.compile's backend
     small: bool  # tiny heads (the --tiny mode)
+    loader_size: int  # item 4: the crop, from sources of loader_source (width, height), loader_batches timed
+    loader_source: tuple  # batches of loader_batch after one untimed
+    loader_batch: int
+    loader_batches: int
 
 
-FULL = Settings("cuda", 512, 30, 5, 32, 10, 8, "inductor", False)
-TINY = Settings("cpu", 8, 1, 1, 8, 1, 0, "eager", True)
+FULL = Settings("cuda", 512, 30, 5, 32, 10, 8, "inductor", False, 224, (500, 375), 128, 3)
+TINY = Settings("cpu", 8, 1, 1, 8, 1, 0, "eager", True, 16, (80, 60), 2, 1)  # 80 px: streamed, as full-size
 SMALL_HEADS = {"mocov1": ["--dim", "16", "--K", "32", "--bn-splits", "2"], "mocov2": ["--dim", "16", "--K", "32",
                "--bn-splits", "2"], "simclr": ["--dim", "16"], "byol": ["--hidden-dim", "16", "--dim", "8"],
                "simsiam": ["--dim", "32", "--pred-dim", "8"], "barlow": ["--dim", "16"], "vicreg": ["--dim", "16"],
@@ -102,6 +108,21 @@ def prepare_data(source, work, tiny):
     return dest / "cifar10"
 
 
+def full_size_data(root, work, s, count):
+    """`count` of the training JPEGs enlarged to s.loader_source (bicubic), saved as JPEGs (quality 90): an
+    ImageNet-size folder for the loader item; returns its root."""
+    from PIL import Image
+    dest = Path(work) / "full-size"
+    sources = sorted((Path(root) / "train").rglob("*.jpg"))
+    for i in range(count):
+        source = sources[i % len(sources)]
+        path = dest / "train" / source.parent.name / f"{i}.jpg"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with Image.open(source) as image:
+            image.convert("RGB").resize(s.loader_source, Image.BICUBIC).save(path, quality=90)
+    return dest
+
+
 # --- the report --------------------------------------------------------------------------------------
 
 class Report:
@@ -110,7 +131,8 @@ class Report:
     def __init__(self, out, info):
         self.out = Path(out)
         self.out.mkdir(parents=True, exist_ok=True)
-        self.results = {"info": info, "speed": {}, "train": {}, "compiled": {}, "skipped": [], "errors": []}
+        self.results = {"info": info, "speed": {}, "train": {}, "compiled": {}, "loader": {}, "skipped": [],
+                        "errors": []}
         self.log = open(self.out / "logs.txt", "a", buffering=1)
 
     def write(self, text):
@@ -146,6 +168,14 @@ class Report:
                                  f"| {num(v.get('peak_mem_mib'), '{:.0f}')} | {num(v.get('overhead_pct'), '{:+.1f}%')} "
                                  f"| {num(v.get('host_syncs_per_step'), '{:g}')} |")
                 lines.append("")
+        if r["loader"]:
+            first = next(iter(r["loader"].values()))
+            lines += ["## Loader per GPU", "", f"{first['image_size']} px from full-size JPEGs, one process, "
+                      f"{first['workers']} workers, batch {first['batch_size']}, the views on the device", "",
+                      "| method | samples/s (CPU pipeline) | samples/s (--gpu-augment) |", "|---|---|---|"]
+            for m, v in r["loader"].items():
+                lines.append(f"| {m} | {v['cpu_samples_per_s']:.0f} | {v['gpu_augment_samples_per_s']:.0f} |")
+            lines.append("")
         if r["train"]:
             lines += ["## Trained", "", "| method | epochs | final kNN top-1 (k 200, t 0.1) | anchor (EMP-SSL, linear) "
                       "| loss first → last | wall s | images/s |", "|---|---|---|---|---|---|---|"]
@@ -199,6 +229,46 @@ def speed(name, s, root, work, compile=False):
             "peak_mem_mib": model.get("peak_mem_mib"), "overhead_pct": row.get("overhead", {}).get("overhead_pct"),
             "host_syncs_per_step": model.get("host_syncs_per_step"), "loader_img_per_s": row.get("loader", {}).get("img_per_s"),
             "params_m": row.get("params_m")}
+
+
+def loader(name, s, root):
+    """Samples/s of one process's loader at s.loader_size px, the method's own recipe (its ImageNet preset), with
+    and without --gpu-augment: s.loader_batches batches of s.loader_batch after one untimed, the views on the
+    device."""
+    from common import data, gpu_augment
+    module = importlib.import_module(name)
+    argv = ["--dataset", "imagenet", "--data-dir", root, "--image-size", s.loader_size, "--device", s.device]
+    args = cli.parse(module.Args, getattr(module, "PRESETS", {}), [str(a) for a in argv])
+    if "blur1" in module.Args.__annotations__:
+        t1, t2 = module.augment(args, args.blur1, args.solarize1), module.augment(args, args.blur2, args.solarize2)
+    else:
+        t1 = t2 = module.augment(args)
+    views = data.Views(data.dataset("imagenet", root, "train"), t1, t2)
+    device = torch.device(s.device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    out = {"workers": s.workers, "batch_size": s.loader_batch, "image_size": s.loader_size}
+
+    def timed(stream):
+        next(stream)
+        sync()
+        start = time.perf_counter()
+        for _ in range(s.loader_batches):
+            next(stream)
+        sync()
+        return s.loader_batch * s.loader_batches / (time.perf_counter() - start)
+
+    cpu = data.train_loader(views, s.loader_batch, s.workers, 0, device)
+    cpu.sampler.set_epoch(0)
+    out["cpu_samples_per_s"] = timed((x1.to(device, non_blocking=True), x2.to(device, non_blocking=True))
+                                     for x1, x2 in cpu)
+    made = gpu_augment.DeviceViews(views, device, 0, s.workers)
+    if made.images is not None:
+        raise RuntimeError("the full-size images were held on the device, not streamed through the loader")
+    made_stream = made.epoch(cpu.sampler, s.loader_batch, 0)
+    out["gpu_augment_samples_per_s"] = timed(made_stream)
+    made_stream.close()
+    del cpu, made  # their workers end
+    return out
 
 
 def train(name, s, root, work, report):
@@ -273,7 +343,15 @@ def main(argv=None):
         for name in [m for m in COMPILED if m in a.methods]:  # 3. --compile
             run(f"compiled {name}", 0 if a.tiny else a.compile_estimate, "compiled", name,
                 lambda: speed(name, s, root, work, compile=True))
-        for name in [m for m in a.methods if m not in ordered]:  # 4. the others, as time allows
+        full_size = []
+
+        def loader_item(name):
+            if not full_size:  # made for the first loader item that runs
+                full_size.append(full_size_data(root, work, s, (1 + s.loader_batches) * s.loader_batch))  # one epoch
+            return loader(name, s, full_size[0])
+        for name in a.methods:  # 4. the loader at 224 px
+            run(f"loader {name}", 0 if a.tiny else 15, "loader", name, lambda: loader_item(name))
+        for name in [m for m in a.methods if m not in ordered]:  # 5. the others, as time allows
             run(f"train {name}", train_estimate(name), "train", name, lambda: train(name, s, root, work, report))
         info["wall_s"] = time.time() - start
         report.save()

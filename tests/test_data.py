@@ -175,3 +175,22 @@ def test_the_knn_monitor_votes_on_eval_mode_features_of_unaugmented_images(monke
     test_labels = torchvision.datasets.ImageFolder(image_folder / "test").targets
     assert call["top1"] == (vote["predictions"] == torch.tensor(test_labels)).double().mean().item()
     assert metrics(tmp_path)[-1]["knn_top1"] == call["top1"]
+
+
+@pytest.mark.parametrize("name", ["mocov2", "simsiam", "unigrad", "byol", "barlow", "vicreg"])
+def test_the_recipes_blur_with_pils_filter_as_their_official_code(name):
+    """MoCo v2 (loader.py), SimSiam, UniGrad: PIL's GaussianBlur(σ), σ ~ U[0.1, 2], p 0.5 on each view; Barlow Twins
+    (main.py), VICReg (augmentations.py) and BYOL's torchvision recipe (solo-learn): the same filter and σ, each
+    view's own probability."""
+    import importlib
+
+    from torchvision.transforms import v2
+    module = importlib.import_module(name)
+    args = module.Args(**({"blur": True} if "blur" in module.Args.__dataclass_fields__ else {}))
+    views = ([module.augment(args, p, 0.0) for p in (1.0, 0.1)] if hasattr(args, "blur1")
+             else [module.augment(args)])
+    for view, p in zip(views, (1.0, 0.1) if len(views) == 2 else (0.5,)):
+        applied = [t for t in view.transforms if isinstance(t, v2.RandomApply)
+                   and isinstance(t.transforms[0], data.PILGaussianBlur)]
+        assert len(applied) == 1 and applied[0].p == p and applied[0].transforms[0].sigma == (0.1, 2.0), name
+        assert not any(isinstance(t, v2.GaussianBlur) for t in view.modules())

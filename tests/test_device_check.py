@@ -33,6 +33,9 @@ def test_the_tiny_check_runs_every_item_with_plain_python(tmp_path):
     assert list(r["speed"]) == methods and list(r["train"]) == ["simclr", "byol", "vicreg", "mocov1", "mocov2",
                                                                 "simsiam", "barlow", "unigrad"]
     assert list(r["compiled"]) == ["simclr", "simsiam"]
+    assert list(r["loader"]) == methods
+    for row in r["loader"].values():
+        assert row["cpu_samples_per_s"] > 0 and row["gpu_augment_samples_per_s"] > 0 and row["image_size"] == 16
     for row in [*r["speed"].values(), *r["compiled"].values()]:
         assert row["s_per_step"] > 0 and row["end_to_end_img_per_s"] > 0 and row["epoch_s"] > 0
         assert row["overhead_pct"] is not None and row["peak_mem_mib"] > 0
@@ -40,7 +43,7 @@ def test_the_tiny_check_runs_every_item_with_plain_python(tmp_path):
         assert 0 <= row["knn_top1"] <= 100 and row["wall_s"] > 0
     assert r["info"]["data"].startswith("20 training JPEGs") and r["info"]["torch"]
     md = (out / "results.md").read_text()
-    assert "| simclr |" in md and "## Trained" in md and "## Speed with --compile" in md
+    assert "| simclr |" in md and "## Trained" in md and "## Speed with --compile" in md and "## Loader per GPU" in md
     logs = (out / "logs.txt").read_text()
     assert "=== speed mocov1" in logs and "--- vicreg metrics.jsonl ---" in logs and '"knn_top1"' in logs
 
@@ -51,5 +54,5 @@ def test_items_that_do_not_fit_the_budget_are_skipped_and_listed(tmp_path):
                            "--methods", "simclr", "mocov1"])
     assert r["speed"] == {} and r["train"] == {} and r["errors"] == []
     assert [s["item"] for s in r["skipped"]] == ["speed simclr", "speed mocov1", "train simclr", "compiled simclr",
-                                                 "train mocov1"]
+                                                 "loader simclr", "loader mocov1", "train mocov1"]
     assert "## Skipped" in (out / "results.md").read_text()

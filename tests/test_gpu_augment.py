@@ -104,6 +104,47 @@ def test_blur_matches_torchvision_per_sigma():
         torch.testing.assert_close(ga.gaussian_blur(x, kernel, sigma), expected, rtol=0, atol=1e-12)
 
 
+def pil_blur(image, sigma):
+    """PIL's ImageFilter.GaussianBlur(radius=σ) on a uint8 image (3, H, W), as the official codes call it."""
+    from PIL import ImageFilter
+    return TF.pil_to_tensor(TF.to_pil_image(image).filter(ImageFilter.GaussianBlur(radius=sigma)))
+
+
+@pytest.mark.parametrize("height,width,n", [(1, 1, 4), (1, 6, 4), (5, 2, 4), (9, 7, 8), (32, 32, 8), (17, 61, 4),
+                                            (224, 224, 2)])
+def test_pil_blur_equals_pil_exactly(height, width, n):
+    """PIL's blur as Pillow computes it (integer box passes, each rounded to grey levels): equal to PIL's own on the
+    same σ and image, every pixel (0 grey levels apart; a sampled Gaussian, a missing rounding or a wrong box
+    radius moves pixels by one or more). σ at both ends of the recipes' range, beyond it (a box wider than the
+    tiny images) and drawn; through the pipeline, whose σ the test redraws from the same generator."""
+    image = torch.randint(0, 256, (n, 3, height, width), generator=gen(30), dtype=torch.uint8)
+    x = image.float() / 255
+    sigma = torch.tensor([0.1, 2.0, 0.6, 7.5] + [0.1 + 1.9 * i / n for i in range(n - 4)])[:n]
+    ours = (ga.pil_gaussian_blur(x, sigma) * 255).round().byte()
+    for i in range(n):
+        assert torch.equal(ours[i], pil_blur(image[i], float(sigma[i]))), (i, float(sigma[i]))
+    transform = v2.Compose([v2.RandomApply([data.PILGaussianBlur(sigma=(0.1, 2.0))], p=1.0),
+                            v2.ToDtype(torch.float32, scale=True)])
+    ours = (ga.Pipeline(transform)(x, gen(31)) * 255).round().byte()
+    g = gen(31)
+    ga._rand(g, n)  # RandomApply's draws
+    sigma = ga._uniform(g, (n,), 0.1, 2.0)
+    for i in range(n):
+        assert torch.equal(ours[i], pil_blur(image[i], float(sigma[i]))), (i, float(sigma[i]))
+
+
+def test_pil_blur_transform_is_pils_filter_with_sigma_from_torch():
+    """The CPU path's transform: PIL's filter with the σ it drew from torch's generator, uniform in its range."""
+    image = torch.randint(0, 256, (3, 12, 10), generator=gen(32), dtype=torch.uint8)
+    blur = data.PILGaussianBlur(sigma=(0.1, 2.0))
+    torch.manual_seed(5)
+    sigma = torch.empty(1).uniform_(0.1, 2.0).item()
+    torch.manual_seed(5)
+    assert torch.equal(TF.pil_to_tensor(blur(TF.to_pil_image(image))), pil_blur(image, sigma))
+    with pytest.raises(TypeError, match="PIL images"):
+        blur(image)
+
+
 @pytest.mark.parametrize("mode", [v2.InterpolationMode.BILINEAR, v2.InterpolationMode.BICUBIC])
 def test_resized_crop_matches_pil_as_the_cpu_path_does_it(mode):
     """The CPU path crops and resizes PIL images: the pipeline's float result is within PIL's rounding
@@ -182,6 +223,22 @@ def test_blur_rate_and_sigma_follow_torchvision():
     assert ks(ours, theirs) < KS * math.sqrt(2 / n)
 
 
+def test_pil_blur_rate_and_sigma_follow_the_cpu_path():
+    """The centre of a blurred impulse is a function of σ (255 when not blurred): its distribution over draws on the
+    device matches the CPU path's (PIL's filter on the PIL image), and the rate is RandomApply's."""
+    n = 2000
+    transform = v2.Compose([v2.RandomApply([data.PILGaussianBlur(sigma=(0.1, 2.0))], p=0.5),
+                            v2.ToImage(), v2.ToDtype(torch.float32, scale=True)])
+    impulse = torch.zeros(1, 3, 11, 11)
+    impulse[..., 5, 5] = 1.0
+    ours = ga.Pipeline(transform)(impulse.expand(n, -1, -1, -1), gen(33))[:, 0, 5, 5]
+    pil = to_pil(impulse[0])
+    torch.manual_seed(0)
+    theirs = torch.stack([transform(pil)[0, 5, 5] for _ in range(n)])
+    assert rate_ok(int((ours < 1).sum()), n, 0.5) and rate_ok(int((theirs < 1).sum()), n, 0.5)
+    assert ks(ours, theirs) < KS * math.sqrt(2 / n)
+
+
 def test_jitter_factors_are_uniform_in_torchvision_ranges():
     n = 3000
     limit = KS / math.sqrt(n)
@@ -255,6 +312,75 @@ def test_pipeline_output_statistics_match_torchvision(name, transform):
             assert ks(a[:, c], b[:, c]) < KS * math.sqrt(2 / n), (name, c)
 
 
+# --- full-size images: the geometry in the loader workers, the rest on the device ------------------------------
+
+def streamed_views(transform, image, seeds):
+    """What --gpu-augment does with a full-size image: each sample's geometry on the CPU from its own seed (as the
+    loader workers, data.Views), the rest of the pipeline on the batch with one generator."""
+    geometry, rest = ga.split(transform)
+    batch = []
+    for seed in seeds:
+        with data.seeded(seed):
+            batch.append(geometry(image))
+    assert [type(t).__name__ for t in geometry.transforms] == ["RandomResizedCrop", "RandomHorizontalFlip",
+                                                                 "ToImage", "ToPureTensor"]  # the rest on the device
+    x = torch.stack(batch)
+    assert x.dtype == torch.uint8 and type(x) is torch.Tensor
+    return rest(ga.to_floats(x), gen(17))
+
+
+def pil_pipelines():
+    from common import tf_image
+    return [(name, t) for name, t in pipelines() if not any(isinstance(u, tf_image.Batched) for u in ga._flatten(t))]
+
+
+@pytest.mark.parametrize("name,transform", pil_pipelines(), ids=lambda p: p if isinstance(p, str) else "")
+def test_streamed_pipeline_statistics_match_the_cpu_pipeline(name, transform):
+    """As the held-image test above, the geometry now in the workers: per-sample channel means and standard
+    deviations of 400 views of one 40 x 48 image match the CPU pipeline's in distribution. (The TF pipelines:
+    equal per sample, the next test.)"""
+    n = 400
+    pil = to_pil(picture(40, 48))
+    ours = streamed_views(transform, pil, range(n))
+    torch.manual_seed(0)
+    theirs = torch.stack([transform(pil) for _ in range(n)])
+    assert ours.shape == theirs.shape
+    for stat in (lambda v: v.mean((2, 3)), lambda v: v.std((2, 3))):
+        a, b = stat(ours), stat(theirs)  # (n, 3)
+        for c in range(3):
+            se = math.sqrt(a[:, c].var() / n + b[:, c].var() / n)
+            assert abs(a[:, c].mean() - b[:, c].mean()) < 5 * se + 0.01, (name, c)  # + PIL's uint8 rounding
+            assert ks(a[:, c], b[:, c]) < KS * math.sqrt(2 / n), (name, c)
+
+
+def tf_pipelines():
+    import byol
+    import simclr
+    return [("simclr", simclr.augment(simclr.Args(image_size=16, blur=True))),
+            ("byol-view1", byol.augment(byol.Args(image_size=16, jax_ops=True), 1.0, 0.0)),
+            ("byol-view2", byol.augment(byol.Args(image_size=16, jax_ops=True), 0.1, 0.2))]
+
+
+@pytest.mark.parametrize("name,transform", tf_pipelines(), ids=lambda p: p if isinstance(p, str) else "")
+def test_streamed_tf_pipelines_equal_the_cpu_pipeline_per_sample(name, transform):
+    """SimCLR's and BYOL's TF operations run the same batched functions on both paths: given the same draws (the
+    geometry's, then the rest's, from one generator) a streamed view equals the CPU pipeline's exactly. The
+    crop's floats are handed over unclipped (SimCLR's bicubic overshoot, clipped only after its colour
+    distortion, as data_util.py)."""
+    image = to_pil(picture(40, 48))
+    geometry, rest = ga.split(transform)
+    for seed in range(12):
+        torch.manual_seed(seed)
+        expected = transform(image)
+        torch.manual_seed(seed)
+        x = geometry(image)
+        assert x.dtype == torch.float32
+        x = ga.to_floats(x.unsqueeze(0))
+        assert torch.equal(rest(x, torch.random.default_generator)[0], expected), (name, seed)
+    assert [type(t).__name__ for t in geometry.transforms] == ["ToImage", "ToDtype", "Batched", "RandomHorizontalFlip",
+                                                             "ToImage", "ToPureTensor"]  # the rest on the device
+
+
 # --- errors, and the training loop with --gpu-augment ---------------------------------------------------
 
 def test_unsupported_transform_is_named():
@@ -277,9 +403,28 @@ def test_device_views_are_fixed_by_the_step():
     assert torch.equal(a1, b1) and torch.equal(a2, b2) and not torch.equal(a1, c1) and not torch.equal(a1, a2)
 
 
-def test_gpu_augment_trains_and_resumes_exactly(tmp_path):
-    """3 steps per epoch; interrupted at step 4 and resumed to 5: the weights of a straight run."""
-    folder = write_image_folder(tmp_path / "data", splits=("train", "test"), classes=3, per_class=8, size=16)
+def test_streamed_device_views_are_each_samples_cpu_geometry():
+    """Full-size images are streamed: the batches of an epoch (resumed mid-way) are the CPU path's geometry of
+    each sample, from its own seed, view by view; with no colour step, exactly the CPU path's views."""
+    base = data.dataset("synthetic", "unused", "train", image_size=80)  # 80 px: more than held on the device
+    t = v2.Compose([v2.RandomResizedCrop(16, scale=(0.2, 1.0)), v2.RandomHorizontalFlip(), data.normalize("cifar10")])
+    views = data.Views(base, t, t)
+    made = ga.DeviceViews(views, torch.device("cpu"), seed=0)
+    assert made.images is None
+    sampler = data.Sampler(views, seed=0, num_replicas=1, rank=0)
+    sampler.set_epoch(1, skip=8)
+    keys = list(sampler)[:8]
+    x1, x2 = next(made.epoch(sampler, 8, step=9))
+    expected = [views[k] for k in keys]
+    assert torch.equal(x1, torch.stack([e[0] for e in expected])) and torch.equal(x2, torch.stack([e[1] for e in expected]))
+    assert not torch.equal(x1, x2)
+
+
+@pytest.mark.parametrize("size", [16, 80])
+def test_gpu_augment_trains_and_resumes_exactly(tmp_path, size):
+    """3 steps per epoch; interrupted at step 4 and resumed to 5: the weights of a straight run. 16-px images are
+    held on the device; 80-px ones streamed (the geometry in the loader, the rest on the device)."""
+    folder = write_image_folder(tmp_path / "data", splits=("train", "test"), classes=3, per_class=8, size=size)
     common = ["--dataset", "folder", "--data-dir", folder, "--epochs", "2", "--knn-every", "-1", *SMALL,
               "--image-size", "8", "--dim", "64", "--pred-dim", "16", "--gpu-augment"]
     run_main(simsiam, *common, "--max-steps", "5", "--out", tmp_path / "straight")
@@ -292,13 +437,9 @@ def test_gpu_augment_trains_and_resumes_exactly(tmp_path):
     assert [r["step"] for r in metrics(tmp_path / "resumed") if "loss" in r] == [1, 2, 3, 4, 5]
 
 
-def test_gpu_augment_refuses_large_images_in_one_line(tmp_path):
-    folder = write_image_folder(tmp_path / "data", splits=("train", "test"), classes=2, per_class=4, size=96)
-    with pytest.raises(SystemExit) as e:
-        run_main(simsiam, "--dataset", "folder", "--data-dir", folder, "--epochs", "1", *SMALL, "--gpu-augment",
-                 "--out", tmp_path / "run")
-    message = str(e.value.code)
-    assert message.startswith("error: --gpu-augment") and "96x96" in message and "\n" not in message
+def test_gpu_augment_without_a_crop_on_full_size_images_is_one_line():
+    with pytest.raises(ga.Unsupported, match="needs a crop"):
+        ga.split(v2.Compose([v2.RandomHorizontalFlip(), data.normalize("imagenet")]))
 
 
 # --- the TF operations (SimCLR, BYOL's ImageNet preset) on the batch ---------------------------------------

@@ -100,7 +100,7 @@ def apply_probabilities(pipeline):
     if steps:
         return steps[0]["blur"], steps[0]["solarize"]
     blur = [t.p for t in pipeline.transforms if type(t).__name__ == "RandomApply"
-            and type(t.transforms[0]).__name__ == "GaussianBlur"]
+            and type(t.transforms[0]).__name__ == "PILGaussianBlur"]
     solarize = [t.p for t in pipeline.transforms if type(t).__name__ == "RandomSolarize"]
     return blur[0], solarize[0]
 
