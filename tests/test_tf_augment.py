@@ -340,8 +340,8 @@ def test_colour_operations_equal_tf_kernels_outside_the_unit_range():
         ours = op(x, parameter)
         for i in range(len(x)):
             expected = chw(reference(hwc(x[i]), float(parameter[i])))
-            # 4e-6: values up to 1.3 and TF's float32 hue arithmetic (h·6, its fraction) against ours
-            torch.testing.assert_close(ours[i], expected, rtol=0, atol=4e-6, msg=f"{op.__name__} sample {i}")
+            # as above: float32 rounding of ours against the kernel's order of operations (6e-7 measured at most)
+            torch.testing.assert_close(ours[i], expected, rtol=0, atol=2e-6, msg=f"{op.__name__} sample {i}")
 
 
 def test_one_image_bounding_box_equals_the_batched_sampler():
