@@ -322,12 +322,15 @@ def resize_bicubic(x, top, left, h, w, size, half_pixel_centers):
     matrix (rows R, columns C) and the resize is R · x · Cᵀ per image and channel."""
     if _single(x):  # the CPU loader's one image: interpolate within the window only, its matrices reused
         x = x[..., int(top):int(top + h), int(left):int(left + w)]
-        rows, cols = (_axis_matrix(int(length), out, half_pixel_centers).to(x.dtype)
+        rows, cols = (_axis_matrix(int(length), out, half_pixel_centers).to(x.dtype).unsqueeze(0)
                       for length, out in ((h, size[0]), (w, size[1])))
-        return rows @ x @ cols.T
-    rows = _matrix(*_bicubic_taps(top, h, size[0], half_pixel_centers), x.shape[-2]).to(x.dtype)  # (n, out_h, H)
-    cols = _matrix(*_bicubic_taps(left, w, size[1], half_pixel_centers), x.shape[-1]).to(x.dtype)  # (n, out_w, W)
-    return rows.unsqueeze(1) @ x @ cols.unsqueeze(1).transpose(-1, -2)
+    else:
+        rows = _matrix(*_bicubic_taps(top, h, size[0], half_pixel_centers), x.shape[-2]).to(x.dtype)  # (n, out_h, H)
+        cols = _matrix(*_bicubic_taps(left, w, size[1], half_pixel_centers), x.shape[-1]).to(x.dtype)  # (n, out_w, W)
+    # the rows of all three channels in one product: x as (n, H, W·3), the layout a decoded image already has
+    n, c, height, width = x.shape
+    y = (rows @ x.permute(0, 2, 3, 1).reshape(n, height, width * c)).view(n, -1, width, c)  # (n, out_h, W, 3)
+    return torch.einsum("npw,nowc->ncop", cols, y)  # then the columns: (n, 3, out_h, out_w)
 
 
 class Batched(torch.nn.Module):
