@@ -11,14 +11,15 @@ Every function takes a batch x (n, 3, H, W) of floats, pixels in [0, 1], and per
 (tensors of shape (n,)); the random draws come from a torch.Generator `g` on x's device (None: torch's
 global generator). `Batched` runs such a function on the CPU loader's single image; --gpu-augment
 (common/gpu_augment.py) calls the same function on the whole batch: both paths run one implementation.
+Where the one image allows a cheaper form of the same arithmetic (a permutation applied directly, the crop
+sampler's attempts in Python scalars, a resize's matrices reused), it takes it; tests/test_tf_augment.py checks
+both forms against TF's kernels or against each other.
 """
 import functools
 import math
 import struct
-from functools import partial
 
 import torch
-import torch.nn.functional as F
 
 
 def uniform(g, x, low, high):
@@ -58,7 +59,7 @@ def random_order(x, ops, g=None, clip=True):
         return x
     for position in range(len(ops)):  # a batch: at each position, each sample's op (all run, one selected)
         for k in range(len(ops)):
-            x = _where(order[:, position] == k, partial(step, k=k), x)
+            x = _where(order[:, position] == k, functools.partial(step, k=k), x)
     return x
 
 
