@@ -13,6 +13,15 @@ phases, each after --warmup untimed steps:
               data.train_loader, or the on-device pipeline with --gpu-augment), moved to the device;
   end-to-end  the real loader feeding the training step, as in training.
 
+With --loaders it compares instead each method's CPU pipeline, one view pair per sample, JPEG decode included,
+on one thread (per core), with the plain-torchvision reference (RandomResizedCrop, flip, ColorJitter p 0.8,
+grayscale p 0.2 and, at 224 px, PIL's GaussianBlur p 0.5, on PIL images, as the official PyTorch codes write
+it): at 32 px on CIFAR-10's JPEGs (--cifar10-jpeg, the archive of the real images as JPEG files; else
+synthetic 32-px JPEGs), at 224 px on 500 × 375 JPEGs (those images, or synthetic ones, upscaled bicubically
+with grain added), in rounds that visit every pipeline in turn so that all see the same machine load; it
+prints samples/s and the ratio to the reference. Each method's pipeline is what its main() builds (its
+augment(args) for both views, with the dataset's recipe: cifar10 at 32 px, imagenet at 224 px).
+
 An image is one pair of views (img/s as in the training log). On CUDA the model phase also counts the
 host syncs of a step (torch.cuda.set_sync_debug_mode). Prints a table and writes --out (JSON); flags
 after `--` go to every method's command line (e.g. `-- --K 4608`).
@@ -20,12 +29,15 @@ after `--` go to every method's command line (e.g. `-- --K 4608`).
 import argparse
 import ctypes
 import importlib
+import io
 import itertools
 import json
 import platform
+import random
 import re
 import statistics
 import sys
+import tarfile
 import tempfile
 import time
 import warnings
@@ -194,6 +206,147 @@ def measure(name, opts, extra):
     return result
 
 
+# --- the loader comparison: each method's CPU pipeline against plain torchvision ------------------
+
+class PILGaussianBlur:
+    """PIL's ImageFilter.GaussianBlur(radius=σ), σ ~ U[0.1, 2.0]: the blur of the official PyTorch codes."""
+
+    def __call__(self, image):
+        from PIL import ImageFilter
+        return image.filter(ImageFilter.GaussianBlur(radius=random.uniform(0.1, 2.0)))
+
+
+def reference(size, dataset):
+    """The plain-torchvision recipe on PIL images, as a user of lightly or solo-learn writes it."""
+    from torchvision import transforms as T
+    mean, std = data.MEAN_STD.get(dataset, data.IMAGENET_MEAN_STD)
+    blur = [T.RandomApply([PILGaussianBlur()], p=0.5)] if size >= 224 else []
+    return T.Compose([T.RandomResizedCrop(size, scale=(0.08, 1.0)), T.RandomHorizontalFlip(),
+                      T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8), T.RandomGrayscale(p=0.2),
+                      *blur, T.ToTensor(), T.Normalize(mean, std)])
+
+
+class _Captured(Exception):
+    pass
+
+
+def method_views(name, dataset):
+    """(t1, t2): the two view pipelines the method's main() builds for `dataset` (its data.Views call, caught)."""
+    module = importlib.import_module(name)
+    with tempfile.TemporaryDirectory() as out:
+        argv = ["--dataset", dataset, "--device", "cpu", "--knn-every", "-1", "--no-resume", "--out", out,
+                "--workers", "0"]
+        args = cli.parse(module.Args, getattr(module, "PRESETS", {}), argv)
+
+        def capture(base, t1, t2):
+            raise _Captured(t1, t2)
+        with mock.patch.object(data, "Views", capture), mock.patch.object(data, "dataset", lambda *a, **k: []):
+            try:
+                module.main(args)
+            except _Captured as c:
+                return c.args
+    raise RuntimeError(f"{name}.main() built no data.Views")
+
+
+def _jpeg(image, quality=90):
+    buffer = io.BytesIO()
+    image.save(buffer, "JPEG", quality=quality)
+    return buffer.getvalue()
+
+
+def jpeg_sources(n, archive=None, seed=0):
+    """{32: n CIFAR-size JPEG files' bytes, 224: n 500 × 375 JPEGs} and a line saying what they are. From the
+    archive of CIFAR-10 as JPEG files (the first n training images) where given; else synthetic images (a
+    random 4 × 4 colour grid upscaled, with grain). The 500 × 375 ones are those upscaled bicubically with
+    grain added (σ 6 grey levels), so that they decode like photographs rather than flat colour."""
+    from PIL import Image
+    rng = torch.Generator().manual_seed(seed)
+    if archive:
+        small = []
+        try:
+            with tarfile.open(archive) as tar:
+                for member in tar:
+                    if member.isfile() and member.name.lower().endswith((".jpg", ".jpeg")) and "/train/" in member.name:
+                        small.append(tar.extractfile(member).read())
+                        if len(small) == n:
+                            break
+        except (OSError, tarfile.TarError) as e:
+            why = e.strerror if isinstance(e, OSError) and e.strerror else "not a readable tar archive"
+            raise SystemExit(f"error: cannot read {archive} ({why}); pass CIFAR-10 as JPEG files (.tar.gz)") from None
+        if len(small) < n:
+            raise SystemExit(f"error: {archive} holds {len(small)} training JPEGs, fewer than {n}")
+        what = f"the first {n} CIFAR-10 training JPEGs of {Path(archive).name}"
+    else:
+        def synthetic():
+            grid = (torch.rand(3, 4, 4, generator=rng) * 255).to(torch.uint8)
+            image = torch.nn.functional.interpolate(grid[None].float(), size=(32, 32), mode="bicubic")[0]
+            image = image + 12 * torch.randn(image.shape, generator=rng)
+            return Image.fromarray(image.clamp(0, 255).round().to(torch.uint8).permute(1, 2, 0).numpy())
+        small = [_jpeg(synthetic()) for _ in range(n)]
+        what = f"{n} synthetic 32-px JPEGs"
+
+    def large(jpeg):
+        image = Image.open(io.BytesIO(jpeg)).convert("RGB").resize((500, 375), Image.BICUBIC)
+        grain = 6 * torch.randn(375, 500, 3, generator=rng)
+        pixels = torch.from_numpy(__import__("numpy").asarray(image).copy()).float() + grain
+        return _jpeg(Image.fromarray(pixels.clamp(0, 255).round().to(torch.uint8).numpy()))
+    return {32: small, 224: [large(j) for j in small]}, what + "; at 224 px the same upscaled to 500 × 375 with grain"
+
+
+class _Decoded(torch.utils.data.Dataset):
+    """JPEG bytes -> (PIL image, 0), decoded at each access as a loader's dataset does."""
+
+    def __init__(self, jpegs):
+        self.jpegs = jpegs
+
+    def __len__(self):
+        return len(self.jpegs)
+
+    def __getitem__(self, i):
+        from PIL import Image
+        return Image.open(io.BytesIO(self.jpegs[i])).convert("RGB"), 0
+
+
+def compare_loaders(opts):
+    """Samples/s of each pipeline per core, rounds interleaved; returns the rows."""
+    jpegs, what = jpeg_sources(opts.samples, opts.cifar10_jpeg)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # per core: a loader worker's one thread
+    rows = []
+    try:
+        for size in opts.sizes:
+            dataset = "cifar10" if size == 32 else "imagenet"
+            base = _Decoded(jpegs[size])
+            pipelines = {"reference": data.Views(base, reference(size, dataset), reference(size, dataset))}
+            for name in opts.methods:
+                pipelines[name] = data.Views(base, *method_views(name, dataset))
+            seconds = dict.fromkeys(pipelines, 0.0)
+            for views in pipelines.values():  # one untimed sample each: imports, caches
+                views[0, 0]
+            for r in range(opts.rounds):
+                for name, views in pipelines.items():
+                    start = time.perf_counter()
+                    for i in range(len(base)):
+                        views[i, r * len(base) + i]
+                    seconds[name] += time.perf_counter() - start
+            samples = opts.rounds * len(base)
+            ref = samples / seconds["reference"]
+            for name in pipelines:
+                rate = samples / seconds[name]
+                rows.append({"size": size, "pipeline": name, "samples_per_s": rate, "ratio": rate / ref})
+    finally:
+        torch.set_num_threads(threads)
+    return rows, what
+
+
+def loader_table(rows):
+    head = ["px", "pipeline", "samples/s per core", "vs reference"]
+    cells = [[str(r["size"]), r["pipeline"], f"{r['samples_per_s']:.1f}", f"{r['ratio']:.2f} x"] for r in rows]
+    widths = [max(len(x) for x in col) for col in zip(head, *cells)]
+    line = lambda c: "| " + " | ".join(x.ljust(w) for x, w in zip(c, widths)) + " |"  # noqa: E731
+    return "\n".join([line(head), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, cells)])
+
+
 # --- command line ---------------------------------------------------------------------------------
 
 def parse(argv):
@@ -211,14 +364,21 @@ def parse(argv):
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True, help="bf16 autocast on CUDA")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False)
     p.add_argument("--gpu-augment", action=argparse.BooleanOptionalAction, default=False)
-    p.add_argument("--out", help="JSON file (default runs/bench-<device>.json)")
+    p.add_argument("--out", help="JSON file (default runs/bench-<device>.json, runs/bench-loaders.json)")
+    p.add_argument("--loaders", action="store_true", help="compare each method's CPU pipeline with plain torchvision")
+    p.add_argument("--sizes", type=int, nargs="+", choices=(32, 224), default=[32, 224], help="with --loaders")
+    p.add_argument("--rounds", type=int, default=5, help="with --loaders: interleaved rounds (default 5)")
+    p.add_argument("--samples", type=int, default=48, help="with --loaders: samples per pipeline per round")
+    p.add_argument("--cifar10-jpeg", help="with --loaders: CIFAR-10 as JPEG files (.tar.gz); default synthetic")
     split = argv.index("--") if "--" in argv else len(argv)
     opts, extra = p.parse_args(argv[:split]), argv[split + 1:]
+    if opts.rounds < 1 or opts.samples < 1:
+        p.error("--rounds and --samples must be at least 1")
     if opts.steps < 1 or opts.warmup < 0 or (opts.compile and opts.warmup < 1):
         p.error("--steps must be at least 1 and --warmup at least 0 (1 with --compile)")
     opts.cuda = opts.device == "cuda" or (opts.device == "auto" and torch.cuda.is_available())
     opts.batch_size = opts.batch_size or (256 if opts.cuda else 32)
-    opts.out = opts.out or f"runs/bench-{'cuda' if opts.cuda else 'cpu'}.json"
+    opts.out = opts.out or f"runs/bench-{'loaders' if opts.loaders else 'cuda' if opts.cuda else 'cpu'}.json"
     missing = [m for m in opts.methods or () if not (ROOT / f"{m}.py").exists()]
     if missing:
         p.error(f"{', '.join(m + '.py' for m in missing)} not in {ROOT}")
@@ -251,22 +411,36 @@ def table(results):
     return "\n".join([line(head), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, rows)])
 
 
+def write(report, out):
+    try:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps(report, indent=2) + "\n")
+    except OSError as e:
+        raise SystemExit(f"error: cannot write {out} ({e.strerror}); pass a writable --out") from None
+    print(f"wrote {out}")
+
+
 def main(argv=None):
     opts, extra = parse(sys.argv[1:] if argv is None else argv)
+    command = "python -m common.bench " + " ".join(sys.argv[1:] if argv is None else argv)
+    if opts.loaders:
+        rows, what = compare_loaders(opts)
+        report = {"command": command, "device": device_name(torch.device("cpu")).rsplit(",", 1)[0] + ", 1 thread",
+                  "torch": torch.__version__, "data": what, "rounds": opts.rounds, "samples": opts.samples,
+                  "results": rows}
+        print(f"{what}; rounds: {opts.rounds} of {opts.samples} samples (two views each), one thread")
+        print(loader_table(rows))
+        write(report, opts.out)
+        return report
     results = []
     for name in opts.methods:
         print(f"{name}...", flush=True)
         results.append(measure(name, opts, extra))
-    report = {"command": "python -m common.bench " + " ".join(sys.argv[1:] if argv is None else argv),
+    report = {"command": command,
               "device": device_name(torch.device("cuda" if opts.cuda else "cpu")), "torch": torch.__version__,
               "settings": {k: v for k, v in vars(opts).items() if k not in ("out", "cuda")}, "results": results}
     print(table(results))
-    try:
-        Path(opts.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(opts.out).write_text(json.dumps(report, indent=2) + "\n")
-    except OSError as e:
-        raise SystemExit(f"error: cannot write {opts.out} ({e.strerror}); pass a writable --out") from None
-    print(f"wrote {opts.out}")
+    write(report, opts.out)
     return report
 
 

@@ -28,15 +28,21 @@ DATASET_DEFAULTS = {
 }
 
 
-def default_workers():
-    """Loader processes per rank that the machine can run: 4, or fewer when this process may use fewer cores
-    than 4 per rank of its node (the cores it may run on, shared by torchrun's LOCAL_WORLD_SIZE ranks); at least
-    1. More than the process's cores makes PyTorch's DataLoader warn, and slows the step it feeds."""
+FULL_SIZE = 96  # from this --image-size up, a sample's decode, crop and resize cost milliseconds, not microseconds
+
+
+def default_workers(image_size=32):
+    """Loader processes per rank that the machine can run: the cores this process may use per rank of its node
+    (the cores it may run on, shared by torchrun's LOCAL_WORLD_SIZE ranks), at least 1; for small images (below
+    FULL_SIZE px) at most 4, which feed a step there. Full-size images take every core: at 224 px one core
+    prepares a few dozen samples per second (python -m common.bench --loaders), far below what a GPU trains on.
+    More than the process's cores makes PyTorch's DataLoader warn, and slows the step it feeds."""
     try:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:  # (macOS, Windows)
         cores = os.cpu_count() or 1
-    return max(1, min(4, cores // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
+    per_rank = max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+    return per_rank if image_size >= FULL_SIZE else min(4, per_rank)
 
 
 @dataclass
@@ -47,7 +53,7 @@ class System:
     data_dir: str = "./data"  # dataset root; folder/imagenet expect train/ and val/ (or test/)
     arch: typing.Literal["resnet18", "resnet50"] = "resnet18"  # backbone (CIFAR stem at <= 64 px)
     image_size: int = 32  # crop size in pixels
-    workers: int = default_workers()  # data loader processes per rank (4, or fewer on a machine with fewer cores)
+    workers: int = default_workers()  # loader processes per rank: 4 (fewer if fewer cores), every core from 96 px
     out: str = ""  # run directory (default runs/<method>-<dataset>)
     resume: bool = True  # continue from OUT/checkpoint.pt when it exists
     max_steps: int = 0  # stop after this many optimiser steps (0: run all epochs)
@@ -56,7 +62,7 @@ class System:
     knn_k: int = 200  # k of the weighted kNN monitor
     knn_t: float = 0.1  # temperature of the weighted kNN monitor
     seed: int = 0  # random seed
-    log_every: int = 50  # steps between progress lines and metrics.jsonl rows
+    log_every: int = 50  # steps between progress lines and metrics.jsonl rows (also after step 1, and within 30 s)
     tensorboard: bool = False  # also write the metrics.jsonl scalars to OUT/tensorboard (the tensorboard group)
     amp: bool = True  # bf16 autocast on CUDA (the losses stay float32)
     compile: bool = False  # torch.compile the model
@@ -111,6 +117,8 @@ def parse(Args, presets=None, argv=None):
     values = {**dataset_defaults, **presets.get(dataset, {}), **given}
     if dataset == "folder" and "image_size" in dataset_defaults and "image_size" not in given:
         values["image_size"] = folder_image_size(values.get("data_dir", Args.data_dir), values["image_size"])
+    if issubclass(Args, System) and "workers" not in given:  # full-size images: every core of this rank
+        values["workers"] = default_workers(values.get("image_size", Args.image_size))
     args = Args(**{k: v for k, v in values.items() if k in hints})
     if issubclass(Args, System) and not args.out:
         args.out = f"runs/{method}-{args.dataset}"

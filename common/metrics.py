@@ -3,10 +3,14 @@ same scalars in OUT/tensorboard. Rank 0 writes; every rank takes part in the mea
 
     metrics = Metrics(directory, device, tensorboard=False)
     metrics.record(step, loss, lr=lr, **stats)   # each step: tensors stay on the device
-    metrics.flush(step, epoch, ...)              # every --log-every steps: one transfer, a line and a row
+    metrics.waited(seconds)                      # each step: the time the loop waited for the loader
+    metrics.flush(step, epoch, ...)              # at each log line: one transfer, a line and a row
     metrics.write({"step": ..., "knn_top1": ...})
 
 A row's `epoch`, as every line prints it, is the epoch its step belongs to, counted from 1 (Run.epoch_number).
+Its `data_share` (the line's "data N%") is the part of the wall time since the last row that the loop spent
+waiting for the loader's next batch, as the official MoCo and SimSiam scripts print "Data" time: near 1, the
+loader, not the model, sets the pace.
 """
 import json
 import time
@@ -15,6 +19,9 @@ from pathlib import Path
 import torch
 
 from common import dist
+
+
+clock = time.monotonic  # the clock of the intervals (speed, data share, the 30 s between lines)
 
 
 class Metrics:
@@ -26,7 +33,11 @@ class Metrics:
         self.start_timer(0)
 
     def start_timer(self, step):
-        self._time, self._step0 = time.time(), step
+        self._time, self._step0, self._waited = clock(), step, 0.0
+
+    def waited(self, seconds):
+        """Time the loop spent waiting for the loader's next batch."""
+        self._waited += seconds
 
     def drop_after(self, step):
         """Forget the rows an interrupted run logged after its checkpoint at `step` (rank 0)."""
@@ -50,19 +61,24 @@ class Metrics:
 
     def flush(self, step, epoch, epochs, total_steps, batch_size):
         """A progress line and a metrics.jsonl row, the values averaged over ranks in one transfer. Here and at
-        the checkpoints the loop waits for the device; nowhere else."""
+        the checkpoints the loop waits for the device; nowhere else. Returns the seconds per step since the last
+        row, averaged over ranks (the same number on every rank)."""
+        timing = (clock() - self._time, self._waited)  # the interval and its wait, averaged over ranks with the rest
         row = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=self.device).reshape(())
-                           for v in self._logged.values()])
-        values = dict(zip(self._logged, dist.all_reduce_mean(row).tolist()))
-        now = time.time()
-        speed = (step - self._step0) * batch_size / max(now - self._time, 1e-9)
+                           for v in [*self._logged.values(), *timing]])
+        *values, seconds, waited = dist.all_reduce_mean(row).tolist()
+        values = dict(zip(self._logged, values))
+        steps = step - self._step0
+        speed = steps * batch_size / max(seconds, 1e-9)
+        share = min(waited / max(seconds, 1e-9), 1.0)
         eta = (total_steps - step) * batch_size / max(speed, 1e-9)
         self.start_timer(step)
-        self.write({"step": step, "epoch": epoch, **values, "img_per_s": speed})
+        self.write({"step": step, "epoch": epoch, **values, "img_per_s": speed, "data_share": share})
         if dist.is_main():
             shown = " ".join(f"{k} {v:.4g}" for k, v in values.items())
-            print(f"epoch {epoch}/{epochs} step {step}/{total_steps} {shown} | {rate(speed)} img/s "
+            print(f"epoch {epoch}/{epochs} step {step}/{total_steps} {shown} | {rate(speed)} img/s | data {share:.0%} "
                   f"| ETA {int(eta // 3600)}:{time.strftime('%M:%S', time.gmtime(eta))}", flush=True)
+        return seconds / max(steps, 1)
 
     def write(self, row):
         if not dist.is_main():

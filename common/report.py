@@ -14,7 +14,7 @@ import json
 import statistics
 from pathlib import Path
 
-STANDARD = ("step", "epoch", "loss", "lr", "img_per_s", "knn_top1", "time", "tau", "m")  # not statistics: schedules
+STANDARD = ("step", "epoch", "loss", "lr", "img_per_s", "data_share", "knn_top1", "time", "tau", "m")  # not statistics: schedules
 
 
 class RunError(Exception):

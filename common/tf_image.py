@@ -11,11 +11,15 @@ Every function takes a batch x (n, 3, H, W) of floats, pixels in [0, 1], and per
 (tensors of shape (n,)); the random draws come from a torch.Generator `g` on x's device (None: torch's
 global generator). `Batched` runs such a function on the CPU loader's single image; --gpu-augment
 (common/gpu_augment.py) calls the same function on the whole batch: both paths run one implementation.
+Where the one image allows a cheaper form of the same arithmetic (a permutation applied directly, the crop
+sampler's attempts in Python scalars, a resize's matrices reused), it takes it; tests/test_tf_augment.py checks
+both forms against TF's kernels or against each other.
 """
+import functools
 import math
+import struct
 
 import torch
-import torch.nn.functional as F
 
 
 def uniform(g, x, low, high):
@@ -23,10 +27,15 @@ def uniform(g, x, low, high):
     return low + (high - low) * torch.rand(len(x), generator=g, device=x.device)
 
 
+def _single(x):
+    """The CPU loader's one image (a batch of 1 on the CPU), where Python may branch on a draw at no cost."""
+    return x.device.type == "cpu" and len(x) == 1
+
+
 def _where(chosen, fn, x):
     """fn(x) for the samples where `chosen` (n,) is True, x elsewhere. On the CPU loader (one image) fn runs
     only when it is chosen; on a device batch it runs on all and the result is selected (no host sync)."""
-    if x.device.type == "cpu" and len(x) == 1:
+    if _single(x):
         return fn(x) if bool(chosen) else x
     return torch.where(chosen.view(-1, 1, 1, 1), fn(x), x)
 
@@ -40,12 +49,17 @@ def random_order(x, ops, g=None, clip=True):
     """Apply ops [(fn, parameter (n,)), ...] in a random order per sample, each result clipped to [0, 1]
     when `clip` (SimCLR color_jitter_rand: tf.random_shuffle(tf.range(4)); BYOL: jax.random.permutation)."""
     order = torch.rand(len(x), len(ops), generator=g, device=x.device).argsort(dim=1)  # a uniform permutation
-    for position in range(len(ops)):
-        for k, (fn, parameter) in enumerate(ops):
-            def step(x, fn=fn, parameter=parameter):
-                y = fn(x, parameter)
-                return y.clamp(0, 1) if clip else y
-            x = _where(order[:, position] == k, step, x)
+
+    def step(x, k):
+        y = ops[k][0](x, ops[k][1])
+        return y.clamp(0, 1) if clip else y
+    if _single(x):  # the CPU loader's one image: its permutation, op after op
+        for k in order[0].tolist():
+            x = step(x, k)
+        return x
+    for position in range(len(ops)):  # a batch: at each position, each sample's op (all run, one selected)
+        for k in range(len(ops)):
+            x = _where(order[:, position] == k, functools.partial(step, k=k), x)
     return x
 
 
@@ -67,46 +81,38 @@ def adjust_contrast(x, factor):
     return (x - mean) * _per_sample(factor) + mean
 
 
-def rgb_to_hsv(x):
-    """(h, s, v), each (n, H, W), as TF's adjust_saturation kernel converts (internal::rgb_to_hsv): h in
-    [0, 1), 0 where the pixel is grey; s = (max − min)/max, 0 where max is 0."""
-    r, g, b = x.unbind(dim=-3)
-    v = torch.maximum(torch.maximum(r, g), b)
-    chroma = v - torch.minimum(torch.minimum(r, g), b)
-    s = torch.where(v > 0, chroma / torch.where(v > 0, v, 1.0), 0.0)
-    norm = 1.0 / (6.0 * torch.where(chroma > 0, chroma, 1.0))
-    h = torch.where(r == v, norm * (g - b), torch.where(g == v, norm * (b - r) + 2.0 / 6.0, norm * (r - g) + 4.0 / 6.0))
-    h = torch.where(chroma > 0, h, 0.0)
-    return torch.where(h < 0, h + 1, h), s, v
-
-
-def hsv_to_rgb(h, s, v):
-    """(n, 3, H, W) from h, s, v (n, H, W), as TF's kernel (internal::hsv_to_rgb): the sextant of h·6 picks
-    which channel is max (v), which is min (v − c) and which rises or falls in between."""
-    c = s * v
-    m = v - c
-    dh = h * 6
-    sextant = dh.trunc()  # static_cast<int>(dh)
-    x = c * (1 - (dh.remainder(2.0) - 1).abs())
-    zero = torch.zeros_like(c)
-    rgb = {0: (c, x, zero), 1: (x, c, zero), 2: (zero, c, x), 3: (zero, x, c), 4: (x, zero, c), 5: (c, zero, x)}
-    out = [zero, zero, zero]  # TF's default: a sextant outside 0..5 gives (m, m, m)
-    for k, channels in rgb.items():
-        out = [torch.where(sextant == k, new, old) for new, old in zip(channels, out)]
-    return torch.stack(out, dim=-3) + m.unsqueeze(-3)
-
-
 def adjust_saturation(x, factor):
-    """tf.image.adjust_saturation: S ← clip(S·f, 0, 1) in HSV, H and V kept."""
-    h, s, v = rgb_to_hsv(x)
-    return hsv_to_rgb(h, (s * factor.view(-1, 1, 1)).clamp(0, 1), v)
+    """tf.image.adjust_saturation: S ← clip(S·f, 0, 1) in HSV, H and V kept (the kernel converts each pixel to
+    HSV, scales S, converts back: adjust_saturation_op.cc). Written without the round trip: with V = max and H
+    held, every channel is V − S·V·g(H) for a g of the hue alone, so V − x scales with S, and
+    x' = V − (V − x)·S'/S, where S'/S = min(f, V/(V − min)) (S·f reaches 1 exactly when f = V/(V − min)). The
+    kernel's S is 0 where V ≤ 0 (x' = V, grey), and S' is clipped at 0 (f < 0): the ratio clamped at 0 covers
+    both; where V = min the pixel is grey and V − x = 0 (fmin ignores the 0/0)."""
+    v = x.amax(dim=-3, keepdim=True)
+    ratio = torch.fmin(factor.view(-1, 1, 1, 1).to(x.dtype), v / (v - x.amin(dim=-3, keepdim=True))).clamp(min=0)
+    return v - (v - x) * ratio
+
+
+# (R, G, B) read the hue circle at these sextant offsets: x = V − (V − min)·clamp(min(k, 4 − k), 0, 1) with
+# k = (offset + H·6) mod 6, the hexcone's channels (R is max on sextants 5 and 0, G on 1-2, B on 3-4)
+_HUE_OFFSETS = (5.0, 3.0, 1.0)
 
 
 def adjust_hue(x, delta):
-    """tf.image.adjust_hue: H ← (H + δ) mod 1, S and V kept (TF's kernel turns the hue with max and min
-    held, the same map)."""
-    h, s, v = rgb_to_hsv(x)
-    return hsv_to_rgb((h + delta.view(-1, 1, 1)).remainder(1.0), s, v)
+    """tf.image.adjust_hue: H ← (H + δ) mod 1, S and V kept. TF's kernel (adjust_hue_op.cc) holds each pixel's
+    max and min and moves its middle channel along the hexcone; written here with the hue in sextants
+    H·6 ∈ [0, 6) computed once for the three channels and each channel read off the hexcone at its offset
+    (the same map: max, min and the hue's position within its sextant decide every channel)."""
+    r, g, b = x.unbind(dim=-3)
+    high, low = x.amax(dim=-3), x.amin(dim=-3)
+    chroma = high - low
+    inverse = 1.0 / torch.where(chroma > 0, chroma, 1.0)
+    sextant = torch.where(r == high, (g - b) * inverse, torch.where(g == high, (b - r) * inverse + 2.0,
+                                                                       (r - g) * inverse + 4.0))
+    sextant = (sextant + delta.view(-1, 1, 1).to(x.dtype) * 6.0).unsqueeze(-3)  # (n, 1, H, W); grey: any hue
+    offsets = torch.tensor(_HUE_OFFSETS, dtype=x.dtype, device=x.device).view(3, 1, 1)
+    k = (sextant + offsets).remainder(6.0)  # (n, 3, H, W)
+    return high.unsqueeze(-3) - chroma.unsqueeze(-3) * torch.minimum(k, 4.0 - k).clamp(0, 1)
 
 
 def rgb_to_grayscale(x):
@@ -120,16 +126,22 @@ def rgb_to_grayscale(x):
 def gaussian_blur(x, sigma, kernel_size):
     """SimCLR's data_util.py gaussian_blur and BYOL's augmentations.py: the kernel exp(−t²/2σ²) at the
     integers |t| ≤ r, r = int(kernel_size / 2), normalised; two depthwise convolutions (along the width,
-    then the height) with 'SAME' padding, which pads with zeros. sigma: (n,)."""
+    then the height) with 'SAME' padding, which pads with zeros. sigma: (n,). Each 1-D convolution with zero
+    padding is a product with a banded (Toeplitz) matrix K, K[i, j] = k[j − i + r] for |j − i| ≤ r and 0
+    elsewhere (the taps that would read the padding are the zeros outside the band; k is symmetric, so the
+    convolution's k[i − j + r] is k[j − i + r]): x·K along the width, then Kᵀ·x along the height."""
     n, c, height, width = x.shape
     r = int(kernel_size / 2)
     t = torch.arange(-r, r + 1, device=x.device, dtype=x.dtype)
     kernel = torch.exp(-t ** 2 / (2.0 * sigma.view(-1, 1).to(x.dtype) ** 2))  # (n, 2r + 1)
-    kernel = (kernel / kernel.sum(dim=1, keepdim=True)).repeat_interleave(c, dim=0)  # one per sample and channel
-    x = x.reshape(1, n * c, height, width)
-    x = F.conv2d(x, kernel.view(n * c, 1, 1, -1), padding=(0, r), groups=n * c)  # along the width
-    x = F.conv2d(x, kernel.view(n * c, 1, -1, 1), padding=(r, 0), groups=n * c)  # along the height
-    return x.view(n, c, height, width)
+    kernel = kernel / kernel.sum(dim=1, keepdim=True)
+
+    def band(size):  # (n, 1, size, size): K[i, j] = k[j − i + r], zero off the band
+        i = torch.arange(size, device=x.device)
+        d = i.view(1, -1) - i.view(-1, 1) + r
+        return torch.where((d >= 0) & (d <= 2 * r), kernel[:, d.clamp(0, 2 * r)], 0.0).unsqueeze(1)
+    x = x @ band(width)  # along the width: y[..., j] = Σ_i x[..., i] k[j − i + r]
+    return band(height).transpose(-1, -2) @ x  # along the height
 
 
 # --- crops ------------------------------------------------------------------------------------------------
@@ -148,8 +160,16 @@ def sample_distorted_bounding_box(g, n, height, width, area_range=(0.08, 1.0), a
     min_object_covered of the box (here: of the image); the corner uniform in [0, H − h) × [0, W − w) (never
     touching the bottom or right edge unless the crop spans it). The first of max_attempts that passes is kept;
     when none does, the whole image."""
-    f32, i64 = torch.float32, torch.int64
-    u = torch.rand(n, max_attempts, 4, generator=g, device=device, dtype=torch.float64)
+    u = torch.rand(n, max_attempts, 4, generator=g, device=device, dtype=torch.float64)  # per attempt: a, h, top, left
+    box = (height, width, area_range, aspect_ratio_range, min_object_covered)
+    if n == 1 and u.device.type == "cpu":  # the CPU loader's one image: attempt after attempt, as the kernel loops
+        return tuple(torch.tensor([v]) for v in _bounding_box_one(u[0].tolist(), *box))
+    return _bounding_box(u, *box)
+
+
+def _bounding_box(u, height, width, area_range, aspect_ratio_range, min_object_covered):
+    """sample_distorted_bounding_box from the draws u (n, max_attempts, 4), every attempt of every image at once."""
+    f32, i64, device = torch.float32, torch.int64, u.device
     lo, hi = (torch.tensor(v, dtype=f32, device=device) for v in aspect_ratio_range)
     a = u[..., 0].to(f32) * (hi - lo) + lo  # RandFloat() · (max − min) + min, in float
     min_area = torch.tensor(area_range[0], dtype=f32, device=device) * width * height
@@ -182,6 +202,50 @@ def sample_distorted_bounding_box(g, n, height, width, area_range=(0.08, 1.0), a
     found = ok.any(dim=1)
     pick = lambda t, whole: torch.where(found, t.gather(1, first)[:, 0], whole)  # noqa: E731
     return pick(top, 0), pick(left, 0), pick(h, height), pick(w, width)
+
+
+def _f32(v):
+    """v rounded to float32. One operation on float32 operands computed in double (Python's float) and rounded
+    once gives the float32 result (double carries more than twice float32's 24 bits), so _f32(a * b) is torch's
+    float32 a * b."""
+    return struct.unpack("f", struct.pack("f", v))[0]
+
+
+def _bounding_box_one(u, height, width, area_range, aspect_ratio_range, min_object_covered):
+    """_bounding_box for one image, from its draws u (max_attempts lists of 4 floats), in Python scalars: the same
+    arithmetic step for step (float32 where the batched form computes in float32), stopping at the first attempt
+    that passes, as the kernel's loop does; no tensor op per attempt (tests/test_tf_augment.py checks it against
+    the batched form draw for draw)."""
+    lo, hi = _f32(aspect_ratio_range[0]), _f32(aspect_ratio_range[1])
+    min_area = _f32(_f32(_f32(area_range[0]) * width) * height)
+    max_area = _f32(_f32(_f32(area_range[1]) * width) * height)
+    for u_a, u_h, u_top, u_left in u:
+        a = _f32(_f32(_f32(u_a) * _f32(hi - lo)) + lo)
+        h = round(_f32(math.sqrt(_f32(min_area / a))))  # round(): halves to even, as lrintf
+        max_h = round(_f32(math.sqrt(_f32(max_area / a))))
+        if round(_f32(max_h * a)) > width:
+            max_h = int((width + 0.5 - 1e-7) / a)
+            if round(_f32(max_h * a)) > width:
+                max_h -= 1
+        max_h = min(max_h, height)
+        h = min(h, max_h)
+        h += min(math.floor(u_h * (max_h - h + 1)), max_h - h)
+        w = round(_f32(h * a))
+        area = _f32(w * h)
+        if area < min_area:
+            h += 1
+            w = round(_f32(h * a))
+            area = _f32(w * h)
+        if area > max_area:
+            h -= 1
+            w = round(_f32(h * a))
+            area = _f32(w * h)
+        ok = min_area <= area <= max_area and 0 < w <= width and 0 < h <= height
+        if ok and area >= 1 and _f32(area / _f32(width * height)) >= _f32(min_object_covered):
+            top = min(math.floor(u_top * (height - h)), height - h - 1) if h < height else 0
+            left = min(math.floor(u_left * (width - w)), width - w - 1) if w < width else 0
+            return top, left, h, w
+    return 0, 0, height, width
 
 
 def random_crop_clamped(g, n, height, width, area_range=(0.08, 1.0), ratio_range=(3 / 4, 4 / 3), device=None):
@@ -235,32 +299,39 @@ def _bicubic_taps(start, length, out, half_pixel_centers):
     return bounded + start.view(-1, 1, 1), weight
 
 
-def _interpolate(x, index, weight, dim):
-    """Σ_k weight_k · x[index_k] along `dim` (-2 rows, -1 columns), the four taps summed in TF's order."""
+def _matrix(index, weight, size):
+    """The taps of one axis as a matrix (n, out, size): row o holds the four weights of output pixel o at their
+    input indices (added where Bound() repeated an edge pixel), so that Σ_k weight_k · x[index_k] along that
+    axis is one matrix product, the same sum as the kernel's Interpolate1D (up to float32 rounding order)."""
     n, out = index.shape[:2]
-    if dim == -2:
-        taps = x.gather(-2, index.view(n, 1, out * 4, 1).expand(n, x.shape[1], out * 4, x.shape[-1]))
-        taps = taps.view(n, x.shape[1], out, 4, x.shape[-1])
-        w = weight.view(n, 1, out, 4, 1)
-        return ((taps[:, :, :, 0] * w[:, :, :, 0] + taps[:, :, :, 1] * w[:, :, :, 1])
-                + taps[:, :, :, 2] * w[:, :, :, 2]) + taps[:, :, :, 3] * w[:, :, :, 3]
-    taps = x.gather(-1, index.view(n, 1, 1, out * 4).expand(n, x.shape[1], x.shape[2], out * 4))
-    taps = taps.view(n, x.shape[1], x.shape[2], out, 4)
-    w = weight.view(n, 1, 1, out, 4)
-    return ((taps[..., 0] * w[..., 0] + taps[..., 1] * w[..., 1]) + taps[..., 2] * w[..., 2]) + taps[..., 3] * w[..., 3]
+    return torch.zeros(n, out, size, dtype=weight.dtype, device=weight.device).scatter_add_(2, index, weight)
+
+
+@functools.lru_cache(maxsize=256)
+def _axis_matrix(length, out, half_pixel_centers):
+    """The (out, length) matrix of one axis of a window of `length` pixels: the batched form's, for one image
+    (kept: a 32-px image has at most 32 window lengths per axis)."""
+    zero, size = torch.zeros(1, dtype=torch.int64), torch.tensor([length])
+    return _matrix(*_bicubic_taps(zero, size, out, half_pixel_centers), length)[0]
 
 
 def resize_bicubic(x, top, left, h, w, size, half_pixel_centers):
     """The crop (top, left, h, w) of each image, resized to `size` (out_h, out_w) by TF's ResizeBicubic kernel
     (resize_bicubic_op.cc), no antialiasing, values not clipped: half_pixel_centers=False is TF1's
-    tf.image.resize_bicubic (SimCLR v1), True is TF2's tf.image.resize(..., BICUBIC) (BYOL). The rows are
-    interpolated first, then the columns, as the kernel does."""
-    if len(x) == 1:  # the CPU loader's one image: interpolate within the window only
+    tf.image.resize_bicubic (SimCLR v1), True is TF2's tf.image.resize(..., BICUBIC) (BYOL). The kernel
+    interpolates the rows, then the columns, each output pixel from four taps; here each axis's taps are a
+    matrix (rows R, columns C) and the resize is R · x · Cᵀ per image and channel."""
+    if _single(x):  # the CPU loader's one image: interpolate within the window only, its matrices reused
         x = x[..., int(top):int(top + h), int(left):int(left + w)]
-        top, left = torch.zeros_like(top), torch.zeros_like(left)
-    rows = _bicubic_taps(top, h, size[0], half_pixel_centers)
-    cols = _bicubic_taps(left, w, size[1], half_pixel_centers)
-    return _interpolate(_interpolate(x, *rows, dim=-2), *cols, dim=-1)
+        rows, cols = (_axis_matrix(int(length), out, half_pixel_centers).to(x.dtype).unsqueeze(0)
+                      for length, out in ((h, size[0]), (w, size[1])))
+    else:
+        rows = _matrix(*_bicubic_taps(top, h, size[0], half_pixel_centers), x.shape[-2]).to(x.dtype)  # (n, out_h, H)
+        cols = _matrix(*_bicubic_taps(left, w, size[1], half_pixel_centers), x.shape[-1]).to(x.dtype)  # (n, out_w, W)
+    # the rows of all three channels in one product: x as (n, H, W·3), the layout a decoded image already has
+    n, c, height, width = x.shape
+    y = (rows @ x.permute(0, 2, 3, 1).reshape(n, height, width * c)).view(n, -1, width, c)  # (n, out_h, W, 3)
+    return torch.einsum("npw,nowc->ncop", cols, y)  # then the columns: (n, 3, out_h, out_w)
 
 
 class Batched(torch.nn.Module):

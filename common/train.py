@@ -27,7 +27,10 @@ import torch
 
 from common import checkpoint, data, dist, evaluate, gpu_augment
 from common.device import GpuPath
+from common import metrics
 from common.metrics import Metrics
+
+LINE_EVERY_S = 30  # a progress line at least this often (at the last interval's pace), whatever --log-every
 
 
 def fp32(x):
@@ -200,20 +203,21 @@ class Run:
         if self._resumed and dist.is_main():
             print(f"resumed from {self.checkpoint} at epoch {self.epoch_number()}, step {self.step}", flush=True)
         self.metrics.start_timer(self.step)
+        line = self.step + 1  # the step of the next progress line: the first comes after the first step
         with self._interrupt_between_steps() as interrupted:
             try:
                 epoch_views = self.views(loader)
                 while self.step < stop:
                     loader.sampler.set_epoch(self.epoch, skip=(self.step % self.steps_per_epoch) * loader.batch_size)
-                    for x1, x2 in epoch_views(self.step):
+                    for x1, x2 in self._waiting(epoch_views(self.step)):
                         if interrupted:
                             raise KeyboardInterrupt
                         yield x1, x2
                         self.step += 1
                         if interrupted:
                             raise KeyboardInterrupt
-                        if self.step % args.log_every == 0 or self.step == stop:
-                            self._flush()
+                        if self.step >= line or self.step == stop:
+                            line = self._next_line(self._flush())
                             inside_epoch = self.step % self.steps_per_epoch != 0  # (an epoch end saves anyway)
                             if self.step < stop and inside_epoch and self._save_due():
                                 self.save()
@@ -234,6 +238,26 @@ class Run:
         if dist.is_main():
             print(f"done: {self.dir / 'backbone.pt'}", flush=True)
         dist.cleanup()
+
+    def _waiting(self, batches):
+        """The loader's batches, the time the loop waits for each counted (the log's data share)."""
+        try:
+            while True:
+                start = metrics.clock()
+                try:
+                    batch = next(batches)
+                except StopIteration:
+                    return
+                self.metrics.waited(metrics.clock() - start)
+                yield batch
+        finally:
+            batches.close()  # the loader's iterator ends with the loop, as it did without this wrapper
+
+    def _next_line(self, seconds_per_step):
+        """The step of the next progress line: the next multiple of --log-every, or sooner where that is more than
+        LINE_EVERY_S away at the last interval's pace (averaged over ranks: every rank picks the same step)."""
+        every = self.args.log_every
+        return min((self.step // every + 1) * every, self.step + max(1, int(LINE_EVERY_S / max(seconds_per_step, 1e-9))))
 
     def _interrupted_line(self):
         return f"interrupted at step {self.step}; " + (
@@ -316,7 +340,7 @@ class Run:
 
     def _flush(self):
         self._check_finite()
-        self.metrics.flush(self.step, self.epoch_number(), self.args.epochs, self.total_steps, self.args.batch_size)
+        return self.metrics.flush(self.step, self.epoch_number(), self.args.epochs, self.total_steps, self.args.batch_size)
 
 
 @contextlib.contextmanager

@@ -215,7 +215,7 @@ def test_tensorboard_events_hold_the_metrics(real_run):
         for k, v in r.items():
             if k not in ("step", "epoch", "time"):
                 expected.setdefault(k, []).append((r["step"], v))
-    assert set(events.Tags()["scalars"]) == set(expected) >= {"loss", "lr", "std_z", "img_per_s", "knn_top1"}
+    assert set(events.Tags()["scalars"]) == set(expected) >= {"loss", "lr", "std_z", "img_per_s", "data_share", "knn_top1"}
     for tag, points in expected.items():
         got = [(e.step, e.value) for e in events.Scalars(tag)]
         assert [s for s, _ in got] == [s for s, _ in points], tag

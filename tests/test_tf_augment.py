@@ -325,6 +325,41 @@ def test_blur_equals_the_official_blur_with_zero_padding():
             torch.testing.assert_close(ours[i], torch.from_numpy(expected).float(), rtol=0, atol=1e-6)
 
 
+
+def test_colour_operations_equal_tf_kernels_outside_the_unit_range():
+    """SimCLR's crop leaves the bicubic overshoot unclipped, so the first jitter op can see values below 0 and
+    above 1: saturation and hue (written without TF's HSV round trip) still equal the kernels there, including
+    pixels whose max is ≤ 0 (saturation's S is 0 there, a grey pixel; hue turns them, max and min held)."""
+    x = images(seed=12) * 1.6 - 0.3  # [−0.3, 1.3]
+    x[:, :, 1, :3] = torch.tensor([[-0.2], [-0.05], [-0.1]])  # max < 0
+    x[:, :, 1, 3] = torch.tensor([0.0, -0.1, -0.2])  # max = 0
+    draw = torch.rand(len(x), generator=torch.Generator().manual_seed(13))
+    cases = [(tf_image.adjust_saturation, draw * 1.6 + 0.2, tf_adjust_saturation),
+             (tf_image.adjust_hue, draw * 0.4 - 0.2, tf_adjust_hue)]
+    for op, parameter, reference in cases:
+        ours = op(x, parameter)
+        for i in range(len(x)):
+            expected = chw(reference(hwc(x[i]), float(parameter[i])))
+            # as above: float32 rounding of ours against the kernel's order of operations (6e-7 measured at most)
+            torch.testing.assert_close(ours[i], expected, rtol=0, atol=2e-6, msg=f"{op.__name__} sample {i}")
+
+
+def test_one_image_bounding_box_equals_the_batched_sampler():
+    """The CPU loader's one image takes the Python-scalar form of the sampler: the same box as the batched form
+    from the same draws, attempt for attempt (fallback and narrow ranges included)."""
+    cases = [(32, 32, {}), (24, 40, {}), (375, 500, {}), (4, 64, {}),
+             (30, 30, dict(area_range=(0.5, 0.502), aspect_ratio_range=(0.1, 10.0))),
+             (17, 9, dict(area_range=(0.2, 0.6), aspect_ratio_range=(0.5, 2.0), min_object_covered=0.3))]
+    for height, width, kw in cases:
+        kw = {"area_range": (0.08, 1.0), "aspect_ratio_range": (3 / 4, 4 / 3), "min_object_covered": 0.1, **kw}
+        u = torch.rand(1000, 100, 4, generator=torch.Generator().manual_seed(height), dtype=torch.float64)
+        batched = torch.stack(tf_image._bounding_box(u, height, width, *kw.values()), dim=1)
+        one = torch.tensor([tf_image._bounding_box_one(u[i].tolist(), height, width, *kw.values()) for i in range(len(u))])
+        assert torch.equal(one, batched), (height, width, (one != batched).any(dim=1).sum())
+        single = tf_image.sample_distorted_bounding_box(torch.Generator().manual_seed(5), 1, height, width, **kw)
+        u = torch.rand(1, 100, 4, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+        assert torch.equal(torch.stack(single, dim=1), torch.stack(tf_image._bounding_box(u, height, width, *kw.values()), 1))
+
 # --- the crop samplers against the kernels, in distribution ---------------------------------------------
 
 def crop_statistics(top, left, h, w, height, width):
