@@ -1,0 +1,460 @@
+"""Every recipe number pinned where it acts: one table per method and preset (the CIFAR-10 defaults and the
+ImageNet preset), each value with its source, against what the real main() does in a few steps.
+
+Each method's main() runs with its preset's flags on 15 CIFAR-10-format images or a 12-image folder (batches of 4: 3 steps
+an epoch) at 8 px (12 where a fixed 23-px blur kernel runs), for 4 steps (step 3 is the first of epoch 1), with the preset's epochs and warmup kept; only the
+batch (8), the image size, the ImageNet arch (resnet18: the zero-init flag acts on its blocks as on ResNet-50's)
+and the projector widths are overridden, and the lr is checked after the linear scaling rule at that batch. What
+main() does is read where it acts: every optimiser step's parameter groups (a global pre-hook on
+torch.optim.Optimizer.step), the momentum passed to each method's momentum_update, the model main() builds (its
+BN modules after run.prepare, each residual block's last BN γ at initialisation), and the two views main() hands
+to the loader, whose random parameters are drawn here from the transforms' own samplers. The BN kinds at W = 2
+come from main() itself on two real gloo ranks. The linear protocol (common.linear) is read the same way.
+
+A missing or wrong number fails with its name, the value main() used, the recipe's value and its source."""
+import importlib
+import inspect
+import math
+import os
+import random
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+from torch.optim.optimizer import register_optimizer_step_pre_hook
+from torchvision.transforms import v2
+
+from conftest import SMALL, run_main
+
+from common import cli, data, dist, linear, resnet, tf_image, train
+
+METHODS = ["mocov1", "mocov2", "simclr", "byol", "simsiam", "barlow", "vicreg", "unigrad"]
+PRESETS = ["cifar10", "imagenet"]
+B, S, STEPS = 4, 3, 4  # the batch of the tiny runs, its steps per epoch (12 or 15 images), the steps run
+
+# --- the tables -----------------------------------------------------------------------------------------------
+# optimizer: "SGD" or "LARS"; lr: the base lr before the scaling (× B/256 for every method here); schedule:
+# "cosine/epoch" (no warmup), "step" (×0.1 at the milestones), "warmup-cosine/step"; warmup: epochs; final: the
+# cosine's end as a fraction of the peak (not reached in 4 steps: pinned as an Args value); groups: per
+# parameter group, the model's top-level modules it holds and its settings; momentum: "m" / "tau" at step 0
+# and the schedule that moves it; zero_init: each residual block's last BN γ is 0 at initialisation.
+
+MOCO_V1 = "MoCo v1 §4 (main_moco.py: lr 0.03 at batch 256, wd 1e-4, SGD 0.9, ×0.1 at 120/160)"
+MOCO_DEMO = "official CIFAR demo (moco colab/moco_cifar10_demo.ipynb: lr 0.06 at 512, wd 5e-4, m 0.99)"
+SIMCLR_TF = "google-research/simclr v1 run.py/model_util.py (LARS, warmup 10 epochs, BN and biases excluded)"
+BYOL_CFG = "deepmind-research byol/configs/byol.py (LARS η 1e-3, exclude bias and BN, warmup 10 epochs)"
+SOLO = "solo-learn scripts/pretrain/cifar/*.yaml (the CIFAR-10 recipe)"
+SIMSIAM = "facebookresearch/simsiam main_simsiam.py (SGD 0.9, cosine per epoch, --fix-pred-lr)"
+BT = "facebookresearch/barlowtwins main.py (LARS two groups, warmup 10 epochs, cosine to 1e-3 × peak)"
+VICREG = "facebookresearch/vicreg main_vicreg.py (LARS, ndim 1 excluded, warmup 10 epochs, cosine to 1e-3)"
+UNIGRAD = "fundamentalvision/UniGrad configs/unigrad.py and pretrainer.py (SGD 0.9, warmup 5 epochs)"
+
+def sgd(modules, wd, source, **extra):
+    return dict(modules=modules, weight_decay=(wd, source), momentum=(0.9, source), nesterov=(False, source),
+                **extra)
+
+
+def lars(modules, wd, source, eta=0.001, clip_lr=False, lr_in_momentum=False):
+    return dict(modules=modules, weight_decay=(wd, source), momentum=(0.9, source), eta=(eta, source),
+                clip_lr=(clip_lr, source), lr_in_momentum=(lr_in_momentum, source))
+
+
+def recipe(optimizer, lr, schedule, groups, zero_init, warmup=(0, "no warmup"), momentum=None, milestones=None, **args):
+    """One method's table at one preset; every value a (value, source) pair."""
+    return dict(optimizer=optimizer, lr=lr, schedule=schedule, warmup=warmup, groups=groups, zero_init=zero_init,
+                momentum=momentum, milestones=milestones, args=args)
+
+
+def _moco(preset, v2_):
+    imagenet = preset == "imagenet"
+    src = ("MoCo v2 §3 (cosine)" if v2_ else MOCO_V1) if imagenet else MOCO_DEMO
+    return recipe(
+        ("SGD", MOCO_V1), (0.03, MOCO_V1 + "; the demo's 0.06 at 512 is the same rule"),
+        ("cosine/epoch", "MoCo v2 §3: cosine lr") if v2_ else ("step", MOCO_V1),
+        [sgd(["encoder_q"], 1e-4 if imagenet else 5e-4, src)],  # θ_q only: θ_k moves by Eq. 2
+        (False, "main_moco.py: torchvision ResNet without zero_init_residual; the CIFAR demo's ResNet-18 too"),
+        momentum=("m", 0.999 if imagenet else 0.99, "constant", "MoCo v1 §3.3 m 0.999; " + MOCO_DEMO),
+        milestones=(None if v2_ else ("120,160", MOCO_V1)),
+        K=(65536 if imagenet else 4096, "MoCo v1 §4 K 65536; " + MOCO_DEMO + " K 4096"),
+        tau=((0.2 if v2_ else 0.07) if imagenet else 0.1, "v1 §4 τ 0.07, v2 §3 τ 0.2; " + MOCO_DEMO + " τ 0.1"),
+        epochs=(200, "v1 §4, v2 §3: 200 epochs; the CIFAR demo: 200"),
+        batch_size=(256 if imagenet else 512, "v1 §4: 256; the CIFAR demo: 512"),
+        bn_splits=(8, "the CIFAR demo: SplitBatchNorm over 8 sub-batches on one GPU"),
+    )
+
+
+def _table(method, preset):
+    imagenet = preset == "imagenet"
+    if method in ("mocov1", "mocov2"):
+        return _moco(preset, method == "mocov2")
+    if method == "simclr":
+        src = "SimCLR §B.1/§4: LARS lr 0.3 × B/256, wd 1e-6" if imagenet else "simclr v1 README CIFAR-10 command"
+        return recipe(
+            ("LARS", "SimCLR §2.2"), (0.3 if imagenet else 1.0, src), ("warmup-cosine/step", SIMCLR_TF),
+            [lars(["backbone", "projector"], 1e-6, src, lr_in_momentum=True)],  # lars_optimizer.py classic_momentum
+            (True, "simclr resnet.py: batch_norm_relu(init_zero=True) closes every block"),
+            warmup=(10, SIMCLR_TF),
+            tau=(0.1 if imagenet else 0.5, src), s=(1.0 if imagenet else 0.5, "SimCLR App. A (s 1); v1 README (s 0.5)"),
+            batch_size=(4096 if imagenet else 512, src))
+    if method == "byol":
+        src = BYOL_CFG if imagenet else SOLO
+        return recipe(
+            ("LARS", "BYOL §3.3"), (0.2 if imagenet else 1.0, "BYOL §3.3 lr 0.2 × B/256" if imagenet else SOLO),
+            ("warmup-cosine/step", "BYOL §3.3"),
+            [lars(["backbone", "predictor", "projector"], 1.5e-6 if imagenet else 1e-5, src,
+                  eta=1e-3 if imagenet else 0.02, clip_lr=not imagenet)],  # the target ξ is not optimised
+            # haiku's ResNet BlockV1 zero-inits batchnorm_2's scale in bottleneck blocks (ResNet-50) only, so the
+            # ResNet-18 of these runs has none; solo-learn's torchvision ResNet-18 has none either
+            (False, "dm-haiku nets/resnet.py BlockV1: scale_init zeros on bottleneck blocks only (ResNet-18: none); "
+                    "solo-learn: torchvision resnet18's default"),
+            warmup=(10, "BYOL §3.3"),
+            momentum=("tau", 0.996 if imagenet else 0.99, "cosine/step", "BYOL §3.3 τ_base 0.996; " + SOLO + " 0.99"),
+            batch_size=(4096 if imagenet else 512, "BYOL §3.3: 4096"))
+    if method == "simsiam":
+        src = "SimSiam §3 baseline settings (lr 0.05, wd 1e-4)" if imagenet else "SimSiam App. D (lr 0.03, wd 5e-4)"
+        pred = dict(fixed_lr=(True, "SimSiam §4.2 / main_simsiam.py --fix-pred-lr (ImageNet)")) if imagenet else \
+            dict(fixed_lr=(False, "SimSiam App. D: no fixed predictor lr on CIFAR-10"))
+        return recipe(
+            ("SGD", SIMSIAM), (0.05 if imagenet else 0.03, src), ("cosine/epoch", SIMSIAM),
+            [sgd(["backbone", "projector"], 1e-4 if imagenet else 5e-4, src, fixed_lr=(False, SIMSIAM)),
+             sgd(["predictor"], 1e-4 if imagenet else 5e-4, src, **pred)],
+            (True, "main_simsiam.py: models.__dict__[arch](zero_init_residual=True)"),
+            proj_layers=(3 if imagenet else 2, "SimSiam §3 (3 layers); App. D (2 layers on CIFAR-10)"),
+            epochs=(100 if imagenet else 800, src), batch_size=(512, src))
+    if method == "barlow":
+        # the ImageNet preset translates the official lr-biases and wd to the exact gradient (barlow.py's note):
+        # lr-biases 0.0048/32 and wd 32 × 1.5e-6, the official values at W = 32 GPUs
+        src = BT + "; the preset's translation to the exact gradient at W = 32" if imagenet else SOLO
+        groups = [lars(["backbone", "projector"], 1.5e-6 * 32 if imagenet else 1e-4, src),
+                  lars(["backbone", "projector"], 1.5e-6 * 32 if imagenet else 1e-4, src)]
+        groups[0]["ndim"], groups[1]["ndim"] = ("matrices", BT), ("vectors", BT)
+        groups[1]["lr_ratio"] = ((0.0048 / 32) / 0.2 if imagenet else 0.0048 / 0.3, src)
+        return recipe(
+            ("LARS", BT), (0.2 if imagenet else 0.3, src), ("warmup-cosine/step", BT), groups,
+            (True, "barlowtwins main.py: torchvision resnet50(zero_init_residual=True)"), warmup=(10, BT),
+            lambd=(0.0051, BT), batch_size=(2048 if imagenet else 512, src), epochs=(1000, src))
+    if method == "vicreg":
+        src = VICREG + "; VICReg §4.2 (lr 0.2, wd 1e-6)" if imagenet else SOLO
+        return recipe(
+            ("LARS", "VICReg §4.2"), (0.2 if imagenet else 0.3, src), ("warmup-cosine/step", VICREG),
+            [lars(["backbone", "expander"], 1e-6 if imagenet else 1e-4, src)],
+            (True, "main_vicreg.py: resnet.__dict__[arch](zero_init_residual=True)"), warmup=(10, VICREG),
+            sim_coeff=(25.0, VICREG), std_coeff=(25.0, VICREG), cov_coeff=(1.0, VICREG),
+            batch_size=(2048 if imagenet else 512, src))
+    if method == "unigrad":
+        src = UNIGRAD if imagenet else UNIGRAD + "; CIFAR-10 wd 5e-4 as SimSiam App. D"
+        return recipe(
+            ("SGD", UNIGRAD), (0.05, UNIGRAD), ("warmup-cosine/step", UNIGRAD),
+            [sgd(["backbone", "projector"], 1e-4 if imagenet else 5e-4, src)],  # the momentum branch is not optimised
+            (True, "UniGrad project/model.py: zero_init_residual True by default"), warmup=(5, UNIGRAD),
+            momentum=("m", 0.996, "cosine/step", UNIGRAD + " base_momentum 0.996"),
+            lambd=(100.0, UNIGRAD), rho=(0.99, UNIGRAD), batch_size=(1024 if imagenet else 512, src))
+    raise KeyError(method)
+
+
+# The augmentation of each view: crop's smallest area; colour jitter's probability and strengths (brightness,
+# contrast, saturation as the largest change |f − 1| of torchvision's factors or TF's contrast/saturation
+# factors, and TF's additive brightness δ; hue as the largest |shift|, in turns); grayscale, blur and solarize
+# probabilities; the blur's σ range.
+MOCO_AUG = "MoCo v1 §3.3 (main_moco.py aug: crop (0.2, 1), ColorJitter(0.4, 0.4, 0.4, 0.4), grayscale 0.2)"
+AUG_PLUS = "MoCo v2 aug+ (main_moco.py --aug-plus: jitter (0.4, 0.4, 0.4, 0.1) p 0.8, grayscale 0.2, blur 0.5)"
+BYOL_T6 = "BYOL App. B Table 6 (jitter (0.4, 0.4, 0.2, 0.1) p 0.8, grayscale 0.2, blur 1.0/0.1, solarize 0/0.2)"
+
+
+def view(crop, jitter, strengths, gray, blur, solarize, source):
+    b, c, s, h = strengths
+    return dict(crop_min=crop, jitter_p=jitter, brightness=b, contrast=c, saturation=s, hue=h, gray_p=gray,
+                blur_p=blur, solarize_p=solarize, source=source)
+
+
+def _views(method, preset):
+    imagenet = preset == "imagenet"
+    cifar_blur = " (CIFAR-10: no blur at 32 px)"
+    if method == "mocov1":
+        v = view(0.2, 1.0, (0.4, 0.4, 0.4, 0.4), 0.2, 0.0, 0.0, MOCO_AUG)
+        return v, v
+    if method in ("mocov2", "unigrad", "simsiam"):
+        source = AUG_PLUS + ("" if imagenet else cifar_blur) + {"unigrad": "; UniGrad: MoCo v2's augmentation",
+                                                                "simsiam": "; SimSiam App. A, App. D"}.get(method, "")
+        v = view(0.2, 0.8, (0.4, 0.4, 0.4, 0.1), 0.2, 0.5 if imagenet else 0.0, 0.0, source)
+        return v, v
+    if method == "simclr":
+        s = 1.0 if imagenet else 0.5
+        v = view(0.08, 0.8, (0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s), 0.2, 0.5 if imagenet else 0.0, 0.0,
+                 f"SimCLR App. A color_distortion(s = {s}) (data_util.py), crop area (0.08, 1); blur 0.5 on ImageNet, "
+                 f"none in the v1 README's CIFAR-10 command")
+        return v, v
+    if method in ("byol", "barlow", "vicreg"):
+        crop = 0.2 if method == "vicreg" and not imagenet else 0.08
+        if imagenet:
+            return (view(crop, 0.8, (0.4, 0.4, 0.2, 0.1), 0.2, 1.0, 0.0, BYOL_T6),
+                    view(crop, 0.8, (0.4, 0.4, 0.2, 0.1), 0.2, 0.1, 0.2, BYOL_T6))
+        solar = (0.1, 0.1) if method == "vicreg" else (0.0, 0.2)
+        return (view(crop, 0.8, (0.4, 0.4, 0.2, 0.1), 0.2, 0.0, solar[0], SOLO + cifar_blur),
+                view(crop, 0.8, (0.4, 0.4, 0.2, 0.1), 0.2, 0.0, solar[1], SOLO + cifar_blur))
+    raise KeyError(method)
+
+
+# --- what the real main() does --------------------------------------------------------------------------------
+
+SMALL_HEADS = {"mocov1": ["--dim", "16", "--K", "16", "--bn-splits", "2"],
+               "mocov2": ["--dim", "16", "--K", "16", "--bn-splits", "2"],
+               "simclr": ["--dim", "16"], "byol": ["--hidden-dim", "16", "--dim", "8"],
+               "simsiam": ["--dim", "16", "--pred-dim", "8"], "barlow": ["--dim", "16"], "vicreg": ["--dim", "16"],
+               "unigrad": ["--dim", "16"]}
+
+
+def image_size(method, preset):
+    """8 px, or 12 where torchvision's blur of a fixed 23-px kernel runs (it needs a side above 11)."""
+    fixed_kernel = any(isinstance(t, v2.GaussianBlur) and max(t.kernel_size) > 8
+                       for view in augment_of(method, preset) for t in flat(view))
+    return "12" if fixed_kernel else "8"
+
+
+def augment_of(method, preset):
+    """The two view pipelines that the method's augment() builds from its preset's Args."""
+    module = importlib.import_module(method)
+    args = cli.parse(module.Args, module.PRESETS, ["--dataset", preset, "--image-size", "8"])
+    if "blur1" in inspect.signature(module.augment).parameters or hasattr(args, "blur1"):
+        return module.augment(args, args.blur1, args.solarize1), module.augment(args, args.blur2, args.solarize2)
+    return module.augment(args), module.augment(args)
+
+
+def flat(t):
+    """Every transform inside a v2 pipeline (Compose, RandomApply)."""
+    yield t
+    for child in getattr(t, "transforms", []):
+        yield from flat(child)
+
+
+def tiny_argv(method, preset, folder):
+    return ["--dataset", preset, "--data-dir", str(folder), *SMALL, "--batch-size", str(B),
+            "--image-size", image_size(method, preset), "--arch", "resnet18",
+            "--knn-every", "-1", *SMALL_HEADS[method]]
+
+
+def last_bns(backbone):
+    """Each residual block's last BN (BasicBlock.bn2, Bottleneck.bn3): the γ that zero-init sets to 0."""
+    from torchvision.models.resnet import BasicBlock, Bottleneck
+    return [m.bn3 if isinstance(m, Bottleneck) else m.bn2 for m in backbone.modules()
+            if isinstance(m, (BasicBlock, Bottleneck))]
+
+
+def bn_kinds(model):
+    """{top-level module: sorted set of the BN classes in it}."""
+    kinds = {}
+    for name, m in dist.unwrap(model).named_modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            kinds.setdefault(name.split(".")[0], set()).add(type(m).__name__)
+    return {k: sorted(v) for k, v in kinds.items()}
+
+
+class Observed:
+    """What one run of main() did: optimiser groups per step, momenta, the model at build, views."""
+
+    def __init__(self):
+        self.steps, self.momenta, self.views, self.zero, self.bn, self.names = [], {}, None, None, None, {}
+
+
+def observe(module, argv, mp, tmp_path):
+    seen = Observed()
+    build = module.build_model
+
+    def build_model(args):
+        model = build(args)
+        seen.zero = [bool((bn.weight == 0).all()) for bn in last_bns(model.backbone)]
+        seen.nonzero = [bool((bn.weight != 0).all()) for bn in last_bns(model.backbone)]
+        seen.names = {id(p): n for n, p in model.named_parameters()}
+        return model
+    mp.setattr(module, "build_model", build_model)
+
+    def step_hook(opt, args, kwargs):
+        seen.steps.append((type(opt).__name__, [
+            {**{k: v for k, v in g.items() if k != "params"}, "fixed": "fixed_lr" in g,
+             "modules": sorted({seen.names[id(p)].split(".")[0] for p in g["params"]}),
+             "ndim": sorted({p.ndim for p in g["params"]})} for g in opt.param_groups]))
+    handle = register_optimizer_step_pre_hook(step_hook)
+
+    if hasattr(module, "momentum_update"):
+        update = module.momentum_update
+
+        def momentum_update(online, target, m):
+            seen.momenta.setdefault(len(seen.steps), float(m))
+            return update(online, target, m)
+        mp.setattr(module, "momentum_update", momentum_update)
+
+    loader = data.train_loader
+
+    def train_loader(views, *a, **k):
+        seen.views = views
+        return loader(views, *a, **k)
+    mp.setattr(data, "train_loader", train_loader)
+    watch = train.Run.watch
+
+    def watch_(self, model, *a, **k):
+        seen.bn = bn_kinds(model)
+        return watch(self, model, *a, **k)
+    mp.setattr(train.Run, "watch", watch_)
+    mp.setattr(train.Run, "save", lambda self: None)  # (no checkpoint: not a recipe number, and 90 MB a run)
+    try:
+        run_main(module, *argv, "--out", tmp_path)
+    finally:
+        handle.remove()
+    return seen
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    """preset -> data root: CIFAR-10 in torchvision's format (15 images), an ImageFolder (12 images of 16 px):
+    3 steps of 4 an epoch."""
+    from conftest import write_cifar10, write_image_folder
+    return {"cifar10": write_cifar10(tmp_path_factory.mktemp("cifar10"), per_batch=3, test=4),
+            "imagenet": write_image_folder(tmp_path_factory.mktemp("imagenet"), classes=3, per_class=4, size=16)}
+
+
+@pytest.fixture(scope="module")
+def runs(folders, tmp_path_factory):
+    """(method, preset) -> Observed, one run of main() each, shared by the tests below."""
+    cache = {}
+
+    def get(method, preset):
+        if (method, preset) not in cache:
+            module = importlib.import_module(method)
+            with pytest.MonkeyPatch.context() as mp:
+                # the CIFAR-10 files are ours, not the published ones: torchvision's md5 check skipped (test_data.py)
+                mp.setattr(torchvision.datasets.CIFAR10, "_check_integrity", lambda self: True)
+                mp.setattr(torchvision.datasets.cifar, "check_integrity", lambda *args: True)
+                cache[method, preset] = observe(module, [*tiny_argv(method, preset, folders[preset]),
+                                                         "--max-steps", str(STEPS)], mp,
+                                                tmp_path_factory.mktemp(f"{method}-{preset}"))
+        return cache[method, preset]
+    return get
+
+
+def expected_lr(r, args, k):
+    """The peak group's lr at step k, written from the recipe (not from common.optim)."""
+    peak = r["lr"][0] * B / 256  # the linear scaling rule, lr × N/256
+    E, kind = args.epochs, r["schedule"][0]
+    if kind == "cosine/epoch":
+        return peak * (1 + math.cos(math.pi * (k // S) / E)) / 2
+    if kind == "step":
+        milestones = [int(e) * E // 200 for e in r["milestones"][0].split(",")]
+        return peak * 0.1 ** sum(k // S >= m for m in milestones)
+    warmup = r["warmup"][0] * S
+    assert k < warmup  # (4 steps: inside every warmup here)
+    return peak * k / warmup
+
+
+CASES = [(m, p) for m in METHODS for p in PRESETS]
+IDS = [f"{m}-{p}" for m, p in CASES]
+
+
+@pytest.mark.parametrize("method,preset", CASES, ids=IDS)
+def test_each_recipe_number_arrives_at_the_step(method, preset, runs, folders):
+    """The optimiser, its lr at steps 0-3 after the scaling rule (warmup, schedule, fixed predictor lr), weight
+    decay, momentum, Nesterov and the LARS flags of every parameter group, which modules each group holds (and
+    which not: θ_k, ξ, the momentum branch), τ / m at each step, each residual block's last BN γ at
+    initialisation, the BN classes at W = 1, and the preset's own hyper-parameters. The lr values are Python
+    floats computed in double precision both here and in main(): rel 1e-12."""
+    module = importlib.import_module(method)
+    r = _table(method, preset)
+    args = cli.parse(module.Args, module.PRESETS, tiny_argv(method, preset, folders[preset]))
+    seen = runs(method, preset)
+    wrong = []
+
+    def check(name, got, value, source, close=False):
+        # close: Python floats computed in double precision here and in main(), rel 1e-12; "float32": a value
+        # main() holds in a float32 tensor (UniGrad's m buffer), one rounding, rel 2^-24
+        rel = 2**-24 if close == "float32" else 1e-12
+        ok = got is not None and math.isclose(got, value, rel_tol=rel, abs_tol=1e-15) if close else got == value
+        if not ok:
+            wrong.append(f"{method} {preset}: {name} is {got!r}, the recipe says {value!r} ({source})")
+
+    assert len(seen.steps) == STEPS, f"{method} {preset}: {len(seen.steps)} optimiser steps, not {STEPS}"
+    check("optimizer", seen.steps[0][0], *r["optimizer"])
+    for k, (_, groups) in enumerate(seen.steps):
+        lr = expected_lr(r, args, k)
+        what = f"lr at step {k} ({r['lr'][0]} × B/256, {r['schedule'][0]}, warmup {r['warmup'][0] or 0} epochs)"
+        check(what, groups[0]["lr"], lr, r["lr"][1] + "; " + r["schedule"][1], close=True)
+        if len(groups) != len(r["groups"]):
+            wrong.append(f"{method} {preset}: {len(groups)} parameter groups, the recipe has {len(r['groups'])}")
+            break
+        for i, (g, want) in enumerate(zip(groups, r["groups"])):
+            check(f"group {i}'s modules", g["modules"], want["modules"], r["optimizer"][1])
+            if "ndim" in want:  # Barlow Twins: weights (ndim > 1) in one group, biases and BN (ndim 1) in the other
+                kind = "vectors" if g["ndim"] == [1] else "matrices" if 1 not in g["ndim"] else "both"
+                check(f"group {i}'s parameters", kind, *want["ndim"])
+            for key in ("weight_decay", "momentum", "nesterov", "eta", "clip_lr", "lr_in_momentum"):
+                if key in want:
+                    check(f"group {i}'s {key}", g.get(key), *want[key], close=isinstance(want[key][0], float))
+            if "fixed_lr" in want:
+                check(f"group {i}'s fixed lr", g["fixed"], *want["fixed_lr"])
+                if want["fixed_lr"][0]:
+                    check(f"group {i}'s lr at step {k} (fixed at the initial lr)", g["lr"], r["lr"][0] * B / 256,
+                          want["fixed_lr"][1], close=True)
+                elif i > 0:
+                    check(f"group {i}'s lr at step {k}", g["lr"], lr, want["fixed_lr"][1], close=True)
+            if "lr_ratio" in want:
+                check(f"group {i}'s lr at step {k} (lr-biases)", g["lr"], lr * want["lr_ratio"][0], want["lr_ratio"][1],
+                      close=True)
+    if r["momentum"]:
+        name, base, schedule, source = r["momentum"]
+        total = args.epochs * S
+        for k in range(STEPS):
+            # the official codes' cosine from base to 1 over all K steps (BYOL §3.3, UniGrad's pretrainer.py)
+            want = base if schedule == "constant" else 1 - (1 - base) * (math.cos(math.pi * k / total) + 1) / 2
+            # (BYOL moves ξ after step k's optimiser step, Eq. 1 after Eq. 3: recorded under k + 1)
+            check(f"{name} at step {k} ({schedule})", seen.momenta.get(k + (method == "byol")), want, source,
+                  close="float32" if method == "unigrad" else True)
+    zero, source = r["zero_init"]
+    check("every block's last BN γ zero at initialisation" if zero else "no block's last BN γ zero at initialisation",
+          all(seen.zero) if zero else all(seen.nonzero), True, source)
+    moco = method.startswith("moco")
+    expected_bn = "SplitBatchNorm" if moco else None  # one process: MoCo's SplitBN (the CIFAR demo); else plain BN
+    for part, kinds in seen.bn.items():
+        if moco and part in ("encoder_q", "encoder_k"):
+            check(f"BN classes of {part} at W = 1", kinds, [expected_bn], MOCO_DEMO + ": SplitBatchNorm")
+        else:
+            check(f"BN classes of {part} at W = 1", all(k.startswith("BatchNorm") for k in kinds), True,
+                  "one process: PyTorch's BatchNorm over the whole batch")
+    preset_args = cli.parse(module.Args, module.PRESETS, ["--dataset", preset])
+    for name, (value, source) in r["args"].items():
+        check(f"--{name.replace('_', '-')}", getattr(preset_args, name), value, source,
+              close=isinstance(value, float))
+    if r["warmup"][0]:
+        check("--warmup-epochs", preset_args.warmup_epochs, *r["warmup"])
+    if r["milestones"]:
+        check("--schedule", preset_args.schedule, *r["milestones"])
+    if preset == "imagenet":
+        check("--arch", preset_args.arch, "resnet50", "every paper's ImageNet ResNet-50")
+    assert not wrong, "\n".join(wrong)
+
+
+ZERO_INIT_R50 = {  # the ImageNet ResNet-50: each bottleneck's bn3 γ zero at initialisation
+    "mocov1": (False, "main_moco.py: torchvision resnet50 without zero_init_residual"),
+    "mocov2": (False, "main_moco.py: torchvision resnet50 without zero_init_residual"),
+    "simclr": (True, "simclr resnet.py bottleneck_block: batch_norm_relu(init_zero=True)"),
+    "byol": (True, "dm-haiku nets/resnet.py BlockV1 (bottleneck): batchnorm_2 scale_init zeros"),
+    "simsiam": (True, "main_simsiam.py: models.__dict__[arch](zero_init_residual=True)"),
+    "barlow": (True, "barlowtwins main.py: torchvision resnet50(zero_init_residual=True)"),
+    "vicreg": (True, "main_vicreg.py: resnet.__dict__[arch](zero_init_residual=True)"),
+    "unigrad": (True, "UniGrad project/model.py: zero_init_residual True by default"),
+}
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_the_imagenet_resnet50_zero_inits_where_the_official_code_does(method, monkeypatch):
+    """The preset's ResNet-50 (the runs above use a ResNet-18): every bottleneck's last BN γ is 0 at initialisation
+    where the official code zero-inits it, and none is where it does not. (The convolutions' random init, which
+    sets no BN γ, is skipped: a second a model.)"""
+    monkeypatch.setattr(torch.nn.init, "kaiming_normal_", lambda t, *a, **k: t)
+    module = importlib.import_module(method)
+    args = cli.parse(module.Args, module.PRESETS, ["--dataset", "imagenet", "--image-size", "8",
+                                                   *SMALL_HEADS[method]])
+    assert args.arch == "resnet50"
+    gammas = [bn.weight for bn in last_bns(module.build_model(args).backbone)]
+    zero, source = ZERO_INIT_R50[method]
+    got = all((g == 0).all() for g in gammas) if zero else all((g != 0).all() for g in gammas)
+    assert len(gammas) == 16 and got, f"{method} imagenet: each bottleneck's last BN γ {'' if zero else 'non'}zero " \
+                                      f"at initialisation: not so ({source})"
