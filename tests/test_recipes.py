@@ -458,3 +458,179 @@ def test_the_imagenet_resnet50_zero_inits_where_the_official_code_does(method, m
     got = all((g == 0).all() for g in gammas) if zero else all((g != 0).all() for g in gammas)
     assert len(gammas) == 16 and got, f"{method} imagenet: each bottleneck's last BN γ {'' if zero else 'non'}zero " \
                                       f"at initialisation: not so ({source})"
+
+
+# --- the augmentation, drawn --------------------------------------------------------------------------------
+
+class Draws:
+    """The random parameters each view's transforms drew, read at their own samplers (torchvision's make_params,
+    PIL's GaussianBlur, common.tf_image's ops and crops), whichever implementation a view uses."""
+
+    def __init__(self):
+        self.crop, self.jitter, self.blur, self.gray, self.solarize = [], [], [], 0, 0
+
+
+def _record(mp, d):
+    from PIL import ImageFilter
+    from torchvision.transforms.v2._utils import query_size
+
+    def wrap(owner, name, after):
+        original = getattr(owner, name)
+
+        def wrapper(*a, **k):
+            out = original(*a, **k)
+            after(out, *a, **k)
+            return out
+        mp.setattr(owner, name, wrapper)
+
+    def crop(out, self, flat):
+        height, width = query_size(flat)
+        d.crop.append(out["height"] * out["width"] / (height * width))
+    wrap(v2.RandomResizedCrop, "make_params", crop)
+    wrap(v2.ColorJitter, "make_params", lambda out, *a: d.jitter.append(dict(
+        brightness=abs(out["brightness_factor"] - 1), contrast=abs(out["contrast_factor"] - 1),
+        saturation=abs(out["saturation_factor"] - 1), hue=abs(out["hue_factor"]))))
+    wrap(v2.RandomGrayscale, "make_params", lambda *a: setattr(d, "gray", d.gray + 1))
+    wrap(v2.RandomSolarize, "transform", lambda *a: setattr(d, "solarize", d.solarize + 1))
+    wrap(v2.GaussianBlur, "make_params", lambda out, *a: d.blur.append(out["sigma"][0]))
+    init = ImageFilter.GaussianBlur.__init__  # PIL's blur, GaussianBlur(radius=σ) as the official PyTorch codes
+
+    def pil_blur(self, radius=2, *a, **k):
+        d.blur.append(float(radius[0] if isinstance(radius, (tuple, list)) else radius))
+        init(self, radius, *a, **k)
+    mp.setattr(ImageFilter.GaussianBlur, "__init__", pil_blur)
+    # TF's operations (SimCLR, BYOL's ImageNet pipeline), each called on its one image when it is applied
+    jitter = {}
+    for op, key, centre in (("adjust_brightness", "brightness", 0.0), ("adjust_contrast", "contrast", 1.0),
+                            ("adjust_saturation", "saturation", 1.0), ("adjust_hue", "hue", 0.0)):
+        def after(out, x, parameter, key=key, centre=centre):
+            jitter[key] = abs(float(parameter) - centre)
+            if len(jitter) == 4:
+                d.jitter.append(dict(jitter))
+                jitter.clear()
+        wrap(tf_image, op, after)
+    wrap(tf_image, "rgb_to_grayscale", lambda *a: setattr(d, "gray", d.gray + 1))
+    wrap(tf_image, "gaussian_blur", lambda out, x, sigma, k: d.blur.append(float(sigma)))
+    for sampler in ("sample_distorted_bounding_box", "random_crop_clamped"):
+        wrap(tf_image, sampler, lambda out, g, n, height, width, *a, **k: d.crop.append(
+            float(out[2] * out[3]) / (height * width)))
+    apply = tf_image.random_apply
+
+    def random_apply(fn, x, p, g=None):  # BYOL's solarization is a lambda: x ≥ 0.5 → 1 − x with torch.where
+        if "where" in fn.__code__.co_names and "gaussian_blur" not in fn.__code__.co_names:
+            def counted(x, fn=fn):
+                d.solarize += 1
+                return fn(x)
+            return apply(counted, x, p, g)
+        return apply(fn, x, p, g)
+    mp.setattr(tf_image, "random_apply", random_apply)
+
+
+N = 200  # images drawn per view
+
+
+def draw(t, seed=0):
+    """Apply the view `t` to N random 32-px images; the parameters it drew."""
+    from PIL import Image
+    d = Draws()
+    rng = np.random.default_rng(seed)
+    torch.manual_seed(seed)
+    random.seed(seed)
+    images = [Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)) for _ in range(N)]
+    with pytest.MonkeyPatch.context() as mp:
+        _record(mp, d)
+        for image in images:
+            t(image)
+    return d
+
+
+def probability_ok(count, p):
+    """count of N draws against probability p: exact at 0 and 1, else within 4.5 binomial standard deviations
+    (a false failure about once in 10^5 seeds)."""
+    if p in (0.0, 1.0):
+        return count == p * N
+    return abs(count / N - p) <= 4.5 * math.sqrt(p * (1 - p) / N)
+
+
+@pytest.mark.parametrize("method,preset", CASES, ids=IDS)
+def test_each_views_augmentation_draws_the_recipes_parameters(method, preset, runs):
+    """The two views main() hands to the loader, each applied to N images: the smallest crop area drawn, the
+    probability of the colour jitter, grayscale, blur and solarization, the largest brightness, contrast,
+    saturation and hue changes drawn, and the blur's σ range, against each view's recipe. Bounds: the crop's
+    smallest area lies in [0.85·min, min + 0.05] (the sides are rounded to whole pixels of 32: area within 11%;
+    a draw below min + 0.05 has probability ≥ 5%, missed in N = 200 draws about once in 10^5); the largest
+    jitter change of about 160 draws lies in [0.9·s, s] (missed with probability 0.9^160 ≈ 5·10^-8); σ lies in
+    [0.1, 2] and spans half of it over 20 draws or more."""
+    wrong = []
+    for i, (t, want) in enumerate(zip((runs(method, preset).views.t1, runs(method, preset).views.t2),
+                                      _views(method, preset)), start=1):
+        d, source = draw(t), want["source"]
+        say = lambda name, got, value: wrong.append(  # noqa: E731
+            f"{method} {preset} view {i}: {name} is {got}, the recipe says {value} ({source})")
+        lo = min(d.crop, default=None)
+        if lo is None or not 0.85 * want["crop_min"] <= lo <= want["crop_min"] + 0.05:
+            say("the smallest crop area drawn", lo, f"{want['crop_min']} (crop area ({want['crop_min']}, 1))")
+        for name, count in (("jitter", len(d.jitter)), ("grayscale", d.gray), ("blur", len(d.blur)),
+                            ("solarize", d.solarize)):
+            p = want[{"jitter": "jitter_p", "grayscale": "gray_p", "blur": "blur_p", "solarize": "solarize_p"}[name]]
+            if not probability_ok(count, p):
+                say(f"the {name} probability", count / N, p)
+        for key in ("brightness", "contrast", "saturation", "hue"):
+            top = max((j[key] for j in d.jitter), default=0.0)
+            if not 0.9 * want[key] <= top <= want[key] * (1 + 1e-6) + 1e-7:
+                say(f"the largest {key} change drawn", round(top, 4), f"±{want[key]}")
+        if d.blur and not (min(d.blur) >= 0.1 - 1e-6 and max(d.blur) <= 2.0 + 1e-6
+                           and (len(d.blur) < 20 or max(d.blur) - min(d.blur) >= 0.95)):
+            say("the blur's σ range", (round(min(d.blur), 3), round(max(d.blur), 3)), "σ ~ U[0.1, 2.0]")
+    assert not wrong, "\n".join(wrong)
+
+
+# --- BN across ranks ------------------------------------------------------------------------------------------
+
+class _Built(Exception):
+    """Raised once main() has prepared its model on a rank."""
+
+
+def _bn_on_a_rank(rank, world, method, argv):
+    """main() on this gloo rank up to run.watch: the BN classes of the model it prepared."""
+    module = importlib.import_module(method)
+    seen = {}
+
+    def watch(self, model, *a, **k):
+        seen.update(bn_kinds(model))
+        raise _Built
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(train.Run, "watch", watch)
+        try:
+            run_main(module, *argv, "--out", f"{argv[argv.index('--data-dir') + 1]}-{method}-run")
+        except _Built:
+            pass
+    return seen
+
+
+BN_AT_W2 = {  # the BN of every module at W = 2: global (GlobalBatchNorm on CPU, SyncBatchNorm on CUDA) or per GPU
+    "mocov1": ("per-GPU", "MoCo §3.3 Shuffling BN: each GPU's own BN (main_moco.py keeps BatchNorm; SyncBN leaks, "
+                          "moco#46)"),
+    "mocov2": ("per-GPU", "MoCo v2: as v1, main_moco.py keeps per-GPU BN with ShuffleBN"),
+    "simclr": ("global", "SimCLR §2.2 Global BN"),
+    "byol": ("global", "BYOL App. B: BN statistics over all devices (cross_replica_axis)"),
+    "simsiam": ("global", "main_simsiam.py: convert_sync_batchnorm; SimSiam §4.4 / Table 5"),
+    "barlow": ("global", "barlowtwins main.py: convert_sync_batchnorm"),
+    "vicreg": ("global", "main_vicreg.py: convert_sync_batchnorm"),
+    "unigrad": ("global", "UniGrad project/pretrainer.py: convert_sync_batchnorm"),
+}
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_the_bn_of_every_module_on_two_ranks(method, gloo, folders):
+    """main() on two real gloo ranks builds every BN over the global batch where the official code converts to
+    SyncBN, and keeps each GPU's own BN in both MoCo encoders (ShuffleBN needs it). (main() stops once its model
+    is prepared.)"""
+    argv = tiny_argv(method, "imagenet", folders["imagenet"])
+    kind, source = BN_AT_W2[method]
+    want = {"GlobalBatchNorm"} if kind == "global" else {"BatchNorm1d", "BatchNorm2d"}
+    for rank, kinds in enumerate(gloo(2).run(_bn_on_a_rank, method, argv)):
+        assert kinds, f"{method}: no BN module found on rank {rank}"
+        wrong = {part: k for part, k in kinds.items() if not set(k) <= want}
+        assert not wrong, f"{method} at W = 2, rank {rank}: BN classes {wrong}, the recipe says {kind} BN " \
+                          f"({sorted(want)}) ({source})"
