@@ -634,3 +634,81 @@ def test_the_bn_of_every_module_on_two_ranks(method, gloo, folders):
         wrong = {part: k for part, k in kinds.items() if not set(k) <= want}
         assert not wrong, f"{method} at W = 2, rank {rank}: BN classes {wrong}, the recipe says {kind} BN " \
                           f"({sorted(want)}) ({source})"
+
+
+# --- the linear protocol (common.linear) ----------------------------------------------------------------------
+
+SIMCLR_LIN = "google-research/simclr README, linear eval (--optimizer=momentum: Nesterov; learning_rate_scaling linear)"
+LINEAR = {  # per protocol: optimiser settings, the base lr and whether it scales by B/256, epochs, the schedule
+    "cifar10": dict(nesterov=True, lr=0.1, scale=True, wd=0.0, epochs=100, per="step", lars=False,
+                    source=SIMCLR_LIN + ", CIFAR-10 command: lr 0.1, wd 0, 100 epochs, cosine per step"),
+    "mocov1": dict(nesterov=False, lr=30.0, scale=False, wd=0.0, epochs=100, per="milestones", lars=False,
+                   source="moco main_lincls.py: SGD lr 30 (not scaled), wd 0, 100 epochs, ×0.1 at 60, 80"),
+    "mocov2": dict(nesterov=False, lr=30.0, scale=False, wd=0.0, epochs=100, per="milestones", lars=False,
+                   source="moco main_lincls.py (MoCo v2 README: the same command)"),
+    "simclr": dict(nesterov=True, lr=0.1, scale=True, wd=1e-6, epochs=90, per="step", lars=False,
+                   source=SIMCLR_LIN + ", ImageNet: lr 0.1 × B/256, wd 1e-6, 90 epochs, cosine per step"),
+    "byol": dict(nesterov=True, lr=0.2, scale=True, wd=0.0, epochs=80, per="step", lars=False,
+                 source="deepmind-research byol/configs/eval.py: Nesterov, 0.2 × B/256, wd 0, 80 epochs, cosine"),
+    "simsiam": dict(nesterov=False, lr=0.1, scale=True, wd=0.0, epochs=90, per="epoch", lars=True,
+                    source="simsiam main_lincls.py --lars: LARC over SGD, init_lr = 0.1 × B/256, wd 0, 90 epochs, "
+                           "cosine per epoch"),
+    "unigrad": dict(nesterov=False, lr=0.1, scale=True, wd=0.0, epochs=90, per="epoch", lars=True,
+                    source="UniGrad lineval.py / run_linear.sh --lars (SimSiam's protocol)"),
+    "barlow": dict(nesterov=False, lr=0.3, scale=False, wd=1e-6, epochs=100, per="epoch", lars=False,
+                   source="barlowtwins evaluate.py: lr-classifier 0.3 (not scaled), wd 1e-6, 100 epochs, "
+                          "CosineAnnealingLR per epoch"),
+    "vicreg": dict(nesterov=False, lr=0.02, scale=False, wd=1e-6, epochs=100, per="epoch", lars=False,
+                   source="vicreg README linear evaluation (--lr-head 0.02), evaluate.py: wd 1e-6, 100 epochs, "
+                          "cosine per epoch"),
+}
+
+
+@pytest.fixture(scope="module")
+def backbone_run(tmp_path_factory):
+    """A run directory with a random ResNet-18 (CIFAR stem) backbone.pt and its config.json (8 px)."""
+    import json
+    run = tmp_path_factory.mktemp("linear-run")
+    torch.manual_seed(0)
+    torch.save(resnet.resnet("resnet18", cifar_stem=True).state_dict(), run / "backbone.pt")
+    (run / "config.json").write_text(json.dumps({"method": "simsiam", "image_size": 8}))
+    return run
+
+
+@pytest.mark.parametrize("protocol", list(LINEAR))
+def test_the_linear_protocols_lr_and_schedule_at_the_step(protocol, backbone_run, folders, tmp_path):
+    """common.linear's standard protocol for CIFAR-10 and for each method's ImageNet recipe, 4 steps at batch 4
+    (3 steps an epoch): the lr the optimiser uses at each step (base lr, × B/256 where the official code scales,
+    cosine per step or per epoch, or constant before the milestones), Nesterov, momentum, weight decay, and
+    LARC's scaling before each step where the official code uses it. Floats in double precision: rel 1e-12."""
+    want = LINEAR[protocol]
+    steps, larc = [], []
+    dataset = ["--dataset", "imagenet", "--method", protocol] if protocol != "cifar10" else ["--dataset", "folder"]
+    handle = register_optimizer_step_pre_hook(lambda opt, a, k: steps.append(dict(opt.param_groups[0], params=None)))
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            larc_ = linear.larc_
+            mp.setattr(linear, "larc_", lambda *a, **k: (larc.append(len(steps)), larc_(*a, **k)))
+            linear.main(cli.parse(linear.Args, argv=[
+                "--backbone", str(backbone_run / "backbone.pt"), *dataset, "--data-dir", str(folders["imagenet"]),
+                "--batch-size", str(B), "--max-steps", str(STEPS), "--workers", "0", "--device", "cpu",
+                "--image-size", "8", "--out", str(tmp_path)]))
+    finally:
+        handle.remove()
+    base = want["lr"] * B / 256 if want["scale"] else want["lr"]
+    E, wrong = want["epochs"], []
+    for k, g in enumerate(steps):
+        lr = {"step": base * (1 + math.cos(math.pi * k / (E * S))) / 2,
+              "epoch": base * (1 + math.cos(math.pi * (k // S) / E)) / 2,
+              "milestones": base}[want["per"]]  # (×0.1 from epoch 60: pinned by test_evaluation's lr_at test)
+        if not math.isclose(g["lr"], lr, rel_tol=1e-12):
+            wrong.append(f"lr at step {k} is {g['lr']!r}, the recipe says {lr!r} ({want['lr']}"
+                         f"{' × B/256' if want['scale'] else ', not scaled'}, cosine per {want['per']}, {E} epochs)")
+        for key, value in (("nesterov", want["nesterov"]), ("momentum", 0.9), ("weight_decay", want["wd"])):
+            if g[key] != value:
+                wrong.append(f"{key} at step {k} is {g[key]!r}, the recipe says {value!r}")
+    if len(steps) != STEPS:
+        wrong.append(f"{len(steps)} steps, not {STEPS}")
+    if larc != (list(range(STEPS)) if want["lars"] else []):
+        wrong.append(f"LARC ran before steps {larc}, the recipe says {'every step' if want['lars'] else 'none'}")
+    assert not wrong, f"linear protocol {protocol}: " + "\n".join(wrong) + f"\n({want['source']})"
