@@ -120,9 +120,9 @@ def mlp(in_dim, hidden_dim, out_dim):
 class BYOL(nn.Module):
     def __init__(self, args):
         super().__init__()
-        # online network θ: torchvision ResNet (CIFAR stem at 32 px), projector g_θ, predictor q_θ; each block's last BN
-        # γ starts at 0 where the official haiku ResNet zero-inits it: bottleneck blocks (ResNet-50), not basic ones
-        # (solo-learn's CIFAR-10 ResNet-18 has none either)
+        # online network θ: torchvision ResNet (CIFAR stem at 32 px), projector g_θ, predictor q_θ; each block's
+        # last BN γ starts at 0 where the official haiku ResNet zero-inits it: bottleneck blocks (ResNet-50), not
+        # basic ones (solo-learn's CIFAR-10 ResNet-18 has none either)
         self.backbone = resnet.resnet(args.arch, resnet.uses_cifar_stem(args.image_size),
                                       zero_init_residual=args.arch == "resnet50")
         self.projector = mlp(self.backbone.dim, args.hidden_dim, args.dim)

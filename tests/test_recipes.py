@@ -1,21 +1,21 @@
 """Every recipe number pinned where it acts: one table per method and preset (the CIFAR-10 defaults and the
 ImageNet preset), each value with its source, against what the real main() does in a few steps.
 
-Each method's main() runs with its preset's flags on 15 CIFAR-10-format images or a 12-image folder (batches of 4: 3 steps
-an epoch) at 8 px (12 where a fixed 23-px blur kernel runs), for 4 steps (step 3 is the first of epoch 1), with the preset's epochs and warmup kept; only the
-batch (8), the image size, the ImageNet arch (resnet18: the zero-init flag acts on its blocks as on ResNet-50's)
-and the projector widths are overridden, and the lr is checked after the linear scaling rule at that batch. What
-main() does is read where it acts: every optimiser step's parameter groups (a global pre-hook on
-torch.optim.Optimizer.step), the momentum passed to each method's momentum_update, the model main() builds (its
-BN modules after run.prepare, each residual block's last BN γ at initialisation), and the two views main() hands
-to the loader, whose random parameters are drawn here from the transforms' own samplers. The BN kinds at W = 2
-come from main() itself on two real gloo ranks. The linear protocol (common.linear) is read the same way.
+Each method's main() runs with its preset's flags on 15 CIFAR-10-format images or a 12-image folder (batches of 4:
+3 steps an epoch) at 8 px (12 where a fixed 23-px blur kernel runs), for 4 steps (step 3 is the first of epoch 1),
+with the preset's epochs and warmup kept; only the batch (4), the image size, the ImageNet arch (resnet18: the
+zero-init of the preset's ResNet-50 is checked on its own, without steps), the loader workers, the MoCo queue and
+BN splits (K 16, 2 splits) and the projector widths are overridden, and the lr is checked after the linear scaling
+rule at that batch. What main() does is read where it acts: every optimiser step's parameter groups (a global
+pre-hook on torch.optim.Optimizer.step), the momentum passed to each method's momentum_update, the model main()
+builds (its BN modules after run.prepare, each residual block's last BN γ at initialisation), and the two views
+main() hands to the loader, whose random parameters are drawn here from the transforms' own samplers. The BN kinds
+at W = 2 come from main() itself on two real gloo ranks. The linear protocol (common.linear) is read the same way.
 
 A missing or wrong number fails with its name, the value main() used, the recipe's value and its source."""
 import importlib
 import inspect
 import math
-import os
 import random
 
 import numpy as np
@@ -35,10 +35,11 @@ B, S, STEPS = 4, 3, 4  # the batch of the tiny runs, its steps per epoch (12 or 
 
 # --- the tables -----------------------------------------------------------------------------------------------
 # optimizer: "SGD" or "LARS"; lr: the base lr before the scaling (× B/256 for every method here); schedule:
-# "cosine/epoch" (no warmup), "step" (×0.1 at the milestones), "warmup-cosine/step"; warmup: epochs; final: the
-# cosine's end as a fraction of the peak (not reached in 4 steps: pinned as an Args value); groups: per
-# parameter group, the model's top-level modules it holds and its settings; momentum: "m" / "tau" at step 0
-# and the schedule that moves it; zero_init: each residual block's last BN γ is 0 at initialisation.
+# "cosine/epoch" (no warmup), "step" (×0.1 at the milestones), "warmup-cosine/step"; warmup: epochs (the cosine's
+# end, 0 or 1e-3 × peak, is not reached in 4 steps: tests/test_optim.py's schedules through the real loop pin
+# it); groups: per parameter group, the model's top-level modules it holds and its settings; momentum: "m" /
+# "tau", its value at step 0 and the schedule that moves it; zero_init: each residual block's last BN γ is 0 at
+# initialisation; args: the preset's own hyper-parameters, as cli.parse gives them.
 
 MOCO_V1 = "MoCo v1 §4 (main_moco.py: lr 0.03 at batch 256, wd 1e-4, SGD 0.9, ×0.1 at 120/160)"
 MOCO_DEMO = "official CIFAR demo (moco colab/moco_cifar10_demo.ipynb: lr 0.06 at 512, wd 5e-4, m 0.99)"
@@ -50,6 +51,7 @@ BT = "facebookresearch/barlowtwins main.py (LARS two groups, warmup 10 epochs, c
 VICREG = "facebookresearch/vicreg main_vicreg.py (LARS, ndim 1 excluded, warmup 10 epochs, cosine to 1e-3)"
 UNIGRAD = "fundamentalvision/UniGrad configs/unigrad.py and pretrainer.py (SGD 0.9, warmup 5 epochs)"
 
+
 def sgd(modules, wd, source, **extra):
     return dict(modules=modules, weight_decay=(wd, source), momentum=(0.9, source), nesterov=(False, source),
                 **extra)
@@ -60,7 +62,8 @@ def lars(modules, wd, source, eta=0.001, clip_lr=False, lr_in_momentum=False):
                 clip_lr=(clip_lr, source), lr_in_momentum=(lr_in_momentum, source))
 
 
-def recipe(optimizer, lr, schedule, groups, zero_init, warmup=(0, "no warmup"), momentum=None, milestones=None, **args):
+def recipe(optimizer, lr, schedule, groups, zero_init, warmup=(0, "no warmup"), momentum=None, milestones=None,
+           **args):
     """One method's table at one preset; every value a (value, source) pair."""
     return dict(optimizer=optimizer, lr=lr, schedule=schedule, warmup=warmup, groups=groups, zero_init=zero_init,
                 momentum=momentum, milestones=milestones, args=args)
