@@ -127,8 +127,10 @@ def _table(method, preset):
             epochs=(100 if imagenet else 800, src), batch_size=(512, src))
     if method == "barlow":
         # the ImageNet preset translates the official lr-biases and wd to the exact gradient (barlow.py's note):
-        # lr-biases 0.0048/32 and wd 32 × 1.5e-6, the official values at W = 32 GPUs
-        src = BT + "; the preset's translation to the exact gradient at W = 32" if imagenet else SOLO
+        # lr-biases 0.0048/32 and wd 32 × 1.5e-6, the paper's values at W = 32 GPUs. (The paper's wd 1.5e-6 is
+        # kept: main.py's default, which its README's command runs, is 1e-6.)
+        src = BT + "; paper: wd 1.5e-6 (main.py default 1e-6); the preset's translation to the exact gradient " \
+                   "at W = 32" if imagenet else SOLO
         groups = [lars(["backbone", "projector"], 1.5e-6 * 32 if imagenet else 1e-4, src),
                   lars(["backbone", "projector"], 1.5e-6 * 32 if imagenet else 1e-4, src)]
         groups[0]["ndim"], groups[1]["ndim"] = ("matrices", BT), ("vectors", BT)
