@@ -50,6 +50,8 @@ SIMSIAM = "facebookresearch/simsiam main_simsiam.py (SGD 0.9, cosine per epoch, 
 BT = "facebookresearch/barlowtwins main.py (LARS two groups, warmup 10 epochs, cosine to 1e-3 × peak)"
 VICREG = "facebookresearch/vicreg main_vicreg.py (LARS, ndim 1 excluded, warmup 10 epochs, cosine to 1e-3)"
 UNIGRAD = "fundamentalvision/UniGrad configs/unigrad.py and pretrainer.py (SGD 0.9, warmup 5 epochs)"
+PAPER_LARS = ("the official LARS (η 0.001, no clipping) at both presets; on CIFAR-10 it differs from solo-learn's "
+              "(η 0.02, clip_lr), as marked in the method file")
 
 
 def sgd(modules, wd, source, **extra):
@@ -57,9 +59,10 @@ def sgd(modules, wd, source, **extra):
                 **extra)
 
 
-def lars(modules, wd, source, eta=0.001, clip_lr=False, lr_in_momentum=False):
-    return dict(modules=modules, weight_decay=(wd, source), momentum=(0.9, source), eta=(eta, source),
-                clip_lr=(clip_lr, source), lr_in_momentum=(lr_in_momentum, source))
+def lars(modules, wd, source, eta=0.001, clip_lr=False, lr_in_momentum=False, flags=None):
+    flags = flags or source  # the source of the LARS flags, where it is not the lr's and wd's
+    return dict(modules=modules, weight_decay=(wd, source), momentum=(0.9, source), eta=(eta, flags),
+                clip_lr=(clip_lr, flags), lr_in_momentum=(lr_in_momentum, flags))
 
 
 def recipe(optimizer, lr, schedule, groups, zero_init, warmup=(0, "no warmup"), momentum=None, milestones=None,
@@ -131,8 +134,8 @@ def _table(method, preset):
         # kept: main.py's default, which its README's command runs, is 1e-6.)
         src = BT + "; paper: wd 1.5e-6 (main.py default 1e-6); the preset's translation to the exact gradient " \
                    "at W = 32" if imagenet else SOLO
-        groups = [lars(["backbone", "projector"], 1.5e-6 * 32 if imagenet else 1e-4, src),
-                  lars(["backbone", "projector"], 1.5e-6 * 32 if imagenet else 1e-4, src)]
+        groups = [lars(["backbone", "projector"], 1.5e-6 * 32 if imagenet else 1e-4, src, flags=PAPER_LARS),
+                  lars(["backbone", "projector"], 1.5e-6 * 32 if imagenet else 1e-4, src, flags=PAPER_LARS)]
         groups[0]["ndim"], groups[1]["ndim"] = ("matrices", BT), ("vectors", BT)
         groups[1]["lr_ratio"] = ((0.0048 / 32) / 0.2 if imagenet else 0.0048 / 0.3, src)
         return recipe(
@@ -143,7 +146,7 @@ def _table(method, preset):
         src = VICREG + "; VICReg §4.2 (lr 0.2, wd 1e-6)" if imagenet else SOLO
         return recipe(
             ("LARS", "VICReg §4.2"), (0.2 if imagenet else 0.3, src), ("warmup-cosine/step", VICREG),
-            [lars(["backbone", "expander"], 1e-6 if imagenet else 1e-4, src)],
+            [lars(["backbone", "expander"], 1e-6 if imagenet else 1e-4, src, flags=PAPER_LARS)],
             (True, "main_vicreg.py: resnet.__dict__[arch](zero_init_residual=True)"), warmup=(10, VICREG),
             sim_coeff=(25.0, VICREG), std_coeff=(25.0, VICREG), cov_coeff=(1.0, VICREG),
             batch_size=(2048 if imagenet else 512, src))
