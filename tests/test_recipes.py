@@ -416,10 +416,12 @@ def test_each_recipe_number_arrives_at_the_step(method, preset, runs, folders):
             check(f"{name} at step {k} ({schedule})", seen.momenta.get(k + (method == "byol")), want, source,
                   close="float32" if method == "unigrad" else True)
     zero, source = r["zero_init"]
+    check("residual blocks in the backbone", len(seen.zero), 8, "torchvision resnet18: 8 blocks")  # (never vacuous)
     check("every block's last BN γ zero at initialisation" if zero else "no block's last BN γ zero at initialisation",
           all(seen.zero) if zero else all(seen.nonzero), True, source)
     moco = method.startswith("moco")
     expected_bn = "SplitBatchNorm" if moco else None  # one process: MoCo's SplitBN (the CIFAR demo); else plain BN
+    check("modules holding BN", "backbone" in seen.bn or "encoder_q" in seen.bn, True, "every method's ResNet")
     for part, kinds in seen.bn.items():
         if moco and part in ("encoder_q", "encoder_k"):
             check(f"BN classes of {part} at W = 1", kinds, [expected_bn], MOCO_DEMO + ": SplitBatchNorm")
