@@ -112,8 +112,11 @@ def mlp(in_dim, hidden_dim, out_dim):
 class BYOL(nn.Module):
     def __init__(self, args):
         super().__init__()
-        # online network θ: torchvision ResNet (CIFAR stem at 32 px), projector g_θ, predictor q_θ
-        self.backbone = resnet.resnet(args.arch, resnet.uses_cifar_stem(args.image_size))
+        # online network θ: torchvision ResNet (CIFAR stem at 32 px), projector g_θ, predictor q_θ; each block's
+        # last BN γ starts at 0 where the official haiku ResNet zero-inits it: bottleneck blocks (ResNet-50), not
+        # basic ones (solo-learn's CIFAR-10 ResNet-18 has none either)
+        self.backbone = resnet.resnet(args.arch, resnet.uses_cifar_stem(args.image_size),
+                                      zero_init_residual=args.arch == "resnet50")
         self.projector = mlp(self.backbone.dim, args.hidden_dim, args.dim)
         self.predictor = mlp(args.dim, args.hidden_dim, args.dim)
         # target network ξ: f_ξ and g_ξ, a copy of θ at the start, never given gradients

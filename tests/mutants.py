@@ -57,6 +57,10 @@ KNN = "tests/test_data.py::test_the_knn_monitor_votes_on_eval_mode_features_of_u
 GATHER = "dist.gather_with_grad(z1), dist.gather_with_grad(z2)  # (N, dim)"
 SET_EPOCH = "loader.sampler.set_epoch(self.epoch, skip=(self.step % self.steps_per_epoch) * loader.batch_size)"
 SPLIT_MEAN = 'self.running_mean.copy_(reduce(mean, "(s c) -> c", "mean", s=S))'
+RECIPE_STEP = "tests/test_recipes.py::test_each_recipe_number_arrives_at_the_step[{}]"
+RECIPE_BN = "tests/test_recipes.py::test_the_bn_of_every_module_on_two_ranks[{}]"
+RECIPE_LINEAR = "tests/test_recipes.py::test_the_linear_protocols_lr_and_schedule_at_the_step[{}]"
+RECIPE_VIEWS = "tests/test_recipes.py::test_each_views_augmentation_draws_the_recipes_parameters[{}]"
 SPLIT_BN = "tests/test_moco.py::test_split_bn_of_each_file_keeps_the_statistics_of_every_sub_batch_in_the_real_forward[{}]"
 
 DISTRIBUTED, MOMENTUM, RESUMING, DATA, EVALUATION, OPTIMISER, LOSSES = (
@@ -414,6 +418,59 @@ CATALOGUE = [
       [("common/resnet.py", "    if cifar_stem:\n", "    if False:\n")],
       ["tests/test_cli.py::test_models_of_both_recipes_have_the_papers_shapes"],
       ["https://github.com/PatrickHua/SimSiam/issues/3", "https://github.com/lightly-ai/lightly/issues/650"]),
+    # --- recipe numbers where they act (tests/test_recipes.py) -----------------------------------------------------
+    M("simsiam-per-gpu-bn", DISTRIBUTED,
+      "SimSiam's main() prepares its model without global BN (run.prepare(..., sync_bn=False)).",
+      "From W = 2 on every BN normalises by its GPU's sub-batch instead of the global batch, which the official "
+      "code's SyncBN gives; the linked reproduction reached 65.1% instead of 68.0% without it.",
+      [("simsiam.py", "model = run.prepare(build_model(args))  # SyncBN over all ranks",
+        "model = run.prepare(build_model(args), sync_bn=False)  # SyncBN over all ranks")],
+      [RECIPE_BN.format("simsiam")],
+      ["https://github.com/taoyang1122/pytorch-SimSiam/issues/2"]),
+    M("mocov2-global-bn", DISTRIBUTED,
+      "MoCo v2's main() leaves global BN on in both encoders (run.prepare without sync_bn=False).",
+      "The key encoder's BN statistics again span the whole batch, so a query's positive key shares statistics "
+      "with it and the shuffle of ShuffleBN no longer hides it: the pretext task can be solved by the signature.",
+      [("mocov2.py", "model = run.prepare(build_model(args), sync_bn=False)  # per-GPU BN",
+        "model = run.prepare(build_model(args))  # per-GPU BN")],
+      [RECIPE_BN.format("mocov2")],
+      ["https://github.com/facebookresearch/moco/issues/46", "https://github.com/vturrisi/solo-learn/issues/184"]),
+    M("vicreg-no-lr-scaling", OPTIMISER,
+      "VICReg's peak lr is the base lr, without the linear scaling rule (init_lr = args.lr).",
+      "The lr is N/256 times too low: 2× at the CIFAR-10 batch of 512, 8× at the ImageNet batch of 2048.",
+      [("vicreg.py", "init_lr = args.lr * args.batch_size / 256  # linear scaling rule",
+        "init_lr = args.lr  # linear scaling rule")],
+      [RECIPE_STEP.format("vicreg-cifar10"), RECIPE_STEP.format("vicreg-imagenet")],
+      [REVIEW]),
+    M("linear-lr-not-scaled", EVALUATION,
+      "common/linear.py never multiplies the protocol's base lr by B/256, also where the official code scales it.",
+      "The linear evaluation's lr is B/256 times too low: 1/2 in the CIFAR-10 protocol, 1/16 in SimCLR's, BYOL's, "
+      "SimSiam's and UniGrad's ImageNet protocols; every linear accuracy reported shifts.",
+      [("common/linear.py", 'base = r["lr"] * r["batch_size"] / 256 if r["scale"] else r["lr"]', 'base = r["lr"]')],
+      [RECIPE_LINEAR.format(p) for p in ("cifar10", "simclr", "byol", "simsiam", "unigrad")],
+      [REVIEW]),
+    M("barlow-no-zero-init", LOSSES,
+      "Barlow Twins' ResNet keeps each residual block's last BN γ at 1 (zero_init_residual=False).",
+      "The official code zero-initialises those γ, so every block starts as the identity; without it the start "
+      "of training differs from the recipe's.",
+      [("barlow.py", "zero_init_residual=True)", "zero_init_residual=False)")],
+      [RECIPE_STEP.format("barlow-cifar10"), RECIPE_STEP.format("barlow-imagenet"),
+       "tests/test_recipes.py::test_the_imagenet_resnet50_zero_inits_where_the_official_code_does[barlow]"],
+      [REVIEW]),
+    M("byol-no-zero-init", LOSSES,
+      "BYOL's ResNet-50 keeps each bottleneck's last BN γ at 1, where the official haiku ResNet starts it at 0.",
+      "Every bottleneck block of the ImageNet recipe starts as a full residual branch instead of the identity; "
+      "the start of training differs from the official code's.",
+      [("byol.py", 'zero_init_residual=args.arch == "resnet50")', "zero_init_residual=False)")],
+      ["tests/test_recipes.py::test_the_imagenet_resnet50_zero_inits_where_the_official_code_does[byol]"],
+      [REVIEW]),
+    M("simclr-hue-not-scaled", DATA,
+      "SimCLR's hue shift is drawn from ±0.2 instead of ±0.2·s.",
+      "At the CIFAR-10 strength s = 0.5 the hue jitter is twice the paper's (App. A); the colour distortion is "
+      "no longer one strength s.",
+      [("simclr.py", "tf_image.uniform(g, x, -0.2 * s, 0.2 * s)", "tf_image.uniform(g, x, -0.2, 0.2)")],
+      [RECIPE_VIEWS.format("simclr-cifar10")],
+      [REVIEW]),
 ]
 BY_NAME = {m.name: m for m in CATALOGUE}
 
