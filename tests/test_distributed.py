@@ -250,9 +250,12 @@ def _moco_keys(rank, world, method, x_q, x_k, sync_bn):
     here = [int((x_k - row).flatten(1).abs().amax(1).argmin()) for row in inputs]  # the samples sent here
     assert all(torch.equal(x_k[i], row) for i, row in zip(here, inputs))
     everyone = dist.gather(torch.tensor(here)).view(world, n).tolist()  # the shuffled sub-batch of each rank
-    changed = {}
-    for name, j in (("to rank 1", [i for i in everyone[1] if i // n == 0][0]),
-                    ("to rank 0", [i for i in everyone[0] if i // n == 1][0])):
+    crossing = {"to rank 1": [i for i in everyone[1] if i // n == 0],  # start on rank 0, shuffled to rank 1
+                "to rank 0": [i for i in everyone[0] if i // n == 1]}
+    if not all(crossing.values()):
+        return {"crossing": False}  # (the shuffle keeps every key image on its rank)
+    changed = {"crossing": True}
+    for name, (j, *_) in crossing.items():
         x = x_k.clone()
         x[j] += 1.0
         changed[name] = keys(x)[1]
@@ -269,6 +272,7 @@ def test_moco_keys_on_a_rank_depend_on_its_shuffled_sub_batch_only(method, gloo)
     x_q, x_k = torch.randn(8, 3, 16, 16, dtype=torch.float64), torch.randn(8, 3, 16, 16, dtype=torch.float64)
     per_gpu = gloo(2).run(_moco_keys, method, x_q, x_k, False)
     for rank, res in enumerate(per_gpu):
+        assert res["crossing"], "no key image crosses ranks: the keys are not shuffled across GPUs"
         unchanged, changed = ("to rank 1", "to rank 0") if rank == 0 else ("to rank 0", "to rank 1")
         assert torch.equal(res[unchanged], res["base"]), f"rank {rank}: keys depend on the other rank's sub-batch"
         assert (res[changed] != res["base"]).any(1).all(), f"rank {rank}: a key ignores its own sub-batch's BN"
