@@ -471,6 +471,21 @@ CATALOGUE = [
       [("simclr.py", "tf_image.uniform(g, x, -0.2 * s, 0.2 * s)", "tf_image.uniform(g, x, -0.2, 0.2)")],
       [RECIPE_VIEWS.format("simclr-cifar10")],
       [REVIEW]),
+    # --- issue 25, part B: the kNN against Wu et al. 2018, the exported backbone --------------------------------
+    M("knn-features-unnormalised", EVALUATION,
+      "The kNN monitor leaves the backbone's features unnormalised, so its 'cosine' similarity is a dot product.",
+      "Neighbours and votes favour features of large norm: every kNN number in the logs and in knn.json shifts.",
+      [("common/evaluate.py", "feats.append(F.normalize(f.float(), dim=1))", "feats.append(f.float())")],
+      ["tests/test_knn_reference.py::test_the_knn_monitor_of_a_real_run_is_wu_et_al_weighted_knn",
+       "tests/test_knn_reference.py::test_the_offline_knn_is_wu_et_al_weighted_knn"],
+      ["https://github.com/Reza-Safdari/SimSiam-91.9-top1-acc-on-CIFAR10/issues/2"]),
+    M("mocov1-exports-the-key-encoder", EVALUATION,
+      "MoCo v1 exports and monitors the momentum key encoder's ResNet instead of the query encoder's θ_q.",
+      "backbone.pt, the kNN monitor and the linear evaluation read the key encoder, a moving average of θ_q, "
+      "not the network the paper evaluates.",
+      [("mocov1.py", "self.backbone = self.encoder_q[0]", "self.backbone = self.encoder_k[0]")],
+      ["tests/test_export.py::test_backbone_pt_and_the_knn_monitor_hold_the_evaluated_encoder[mocov1]"],
+      [REVIEW]),
 ]
 BY_NAME = {m.name: m for m in CATALOGUE}
 

@@ -1,4 +1,5 @@
 """Distributed paths against the single-process result, with real gloo processes on CPU."""
+import copy
 import importlib
 
 import pytest
@@ -221,3 +222,59 @@ def test_on_cuda_every_batchnorm_becomes_torchs_sync_batchnorm_with_the_same_par
     args = SMALL_ARGS[method](importlib.import_module(method))
     for res in gloo(2).run(_torch_sync_batchnorm, method, args):
         assert res == {"norms": {"SyncBatchNorm"}, "same": True, "frozen": True}
+
+
+def _moco_keys(rank, world, method, x_q, x_k, sync_bn):
+    """The key encoder's outputs on this rank (before the unshuffle) for the global key batch x_k ("base"), then
+    for x_k with one sample changed: "to rank 1", a sample of rank 0's batch that the shuffle sends to rank 1;
+    "to rank 0", one of rank 1's that it sends to rank 0. Each from the same start (weights, queue, and the
+    same permutation, drawn on rank 0)."""
+    module = importlib.import_module(method)
+    args = module.Args(image_size=16, dim=8, K=16)
+    torch.manual_seed(0)
+    gpu = GpuPath("cpu", amp=False, on=True)  # float64, channels_last, as _method_step
+    model = train.prepare(module.build_model(args).double(), gpu, sync_bn=sync_bn)  # as main's run.prepare
+    net = dist.unwrap(model)
+    start = copy.deepcopy(net.state_dict())
+    seen = []
+    net.encoder_k.register_forward_hook(lambda m, inputs, out: seen.append((inputs[0].detach(), out.detach())))
+    n = len(x_k) // world
+    mine = slice(rank * n, (rank + 1) * n)
+
+    def keys(x):
+        net.load_state_dict(start)
+        torch.manual_seed(1)  # the same permutation on rank 0 at every forward
+        model(gpu.inputs(x_q[mine]), gpu.inputs(x[mine]))
+        return seen[-1]
+    inputs, base = keys(x_k)
+    here = [int((x_k - row).flatten(1).abs().amax(1).argmin()) for row in inputs]  # the samples sent here
+    assert all(torch.equal(x_k[i], row) for i, row in zip(here, inputs))
+    everyone = dist.gather(torch.tensor(here)).view(world, n).tolist()  # the shuffled sub-batch of each rank
+    crossing = {"to rank 1": [i for i in everyone[1] if i // n == 0],  # start on rank 0, shuffled to rank 1
+                "to rank 0": [i for i in everyone[0] if i // n == 1]}
+    if not all(crossing.values()):
+        return {"crossing": False}  # (the shuffle keeps every key image on its rank)
+    changed = {"crossing": True}
+    for name, (j, *_) in crossing.items():
+        x = x_k.clone()
+        x[j] += 1.0
+        changed[name] = keys(x)[1]
+    return {"base": base, **changed}
+
+
+@pytest.mark.parametrize("method", ["mocov1", "mocov2"])
+def test_moco_keys_on_a_rank_depend_on_its_shuffled_sub_batch_only(method, gloo):
+    """ShuffleBN (MoCo §3.3): per-GPU BN in the key encoder over the shuffled sub-batch. With 2 ranks, changing
+    a key image that the shuffle sends to rank 1 (from rank 0's own batch) leaves every key rank 0 computes
+    bitwise unchanged and changes every key of rank 1 (its BN statistics), and the other way round; with global
+    BN (the key's statistics would see its positive's batch again) rank 0's keys change too."""
+    torch.manual_seed(2)
+    x_q, x_k = torch.randn(8, 3, 16, 16, dtype=torch.float64), torch.randn(8, 3, 16, 16, dtype=torch.float64)
+    per_gpu = gloo(2).run(_moco_keys, method, x_q, x_k, False)
+    for rank, res in enumerate(per_gpu):
+        assert res["crossing"], "no key image crosses ranks: the keys are not shuffled across GPUs"
+        unchanged, changed = ("to rank 1", "to rank 0") if rank == 0 else ("to rank 0", "to rank 1")
+        assert torch.equal(res[unchanged], res["base"]), f"rank {rank}: keys depend on the other rank's sub-batch"
+        assert (res[changed] != res["base"]).any(1).all(), f"rank {rank}: a key ignores its own sub-batch's BN"
+    global_bn = gloo(2).run(_moco_keys, method, x_q, x_k, True)  # the control: the test tells the two apart
+    assert not torch.equal(global_bn[0]["to rank 1"], global_bn[0]["base"])
