@@ -104,6 +104,14 @@ def embed(backbone, loader, gpu, head=None):
     return torch.cat(f), torch.cat(y), torch.cat(z) if head is not None else None
 
 
+HEADS = ("projector", "expander")  # the module whose output the loss sees, by its paper's name (VICReg: expander)
+
+
+def head(model):
+    """The model's projector (or expander), whose output the loss sees; None where it has none (MoCo)."""
+    return next((getattr(model, name) for name in HEADS if hasattr(model, name)), None)
+
+
 def ranks(backbone, loader, gpu, head=None):
     """{"rank": RankMe of the backbone's features of `loader`'s images (all ranks' shards), and with `head` (the
     projector whose output the loss sees) "rank_z": of head(features)}, in eval mode."""

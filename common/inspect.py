@@ -3,18 +3,20 @@
     python -m common.inspect --backbone runs/simclr-cifar10/backbone.pt
     python -m common.inspect --backbone runs/simclr-cifar10/backbone.pt --compare runs/vicreg-cifar10/backbone.pt
 
-For each backbone (the data flags as common.knn's; OUT is the backbone's directory by default, or OUT/<run> with
---compare), on the training and test sets without augmentation:
+For each backbone (the data flags as common.knn's; OUT is RUN/inspect beside the first backbone by default), on the
+training and test sets without augmentation, in OUT/<run>/, and for the first run of each method also for the same
+network at initialisation, the control, in OUT/<run>-init/ (--no-control: not):
 
-* OUT/neighbours.png: one test image per class (chosen by --seed), each followed by its --k nearest training images
-  by the cosine similarity of the backbone's features, framed blue where the class matches the query's, orange
-  where it does not;
-* OUT/map.png: --map-points test images' features in 2-D by t-SNE (scikit-learn: PCA initialisation, --seed),
-  coloured by class;
-* OUT/spectrum.png (in OUT, shared): the singular values of the centred, L2-normalised features of the test set,
-  on a log scale, with their effective rank RankMe (Garrido et al., ICML 2023), for each backbone and for the same
-  network at initialisation (the control); beside it, where the checkpoint.pt next to a backbone.pt holds one,
-  the same for the projector's output, the embedding the loss sees.
+* neighbours.png: one test image per class (chosen by --seed), each followed by its --k nearest training images by
+  the cosine similarity of the backbone's features, framed blue where the class matches the query's, orange where
+  it does not;
+* map.png: --map-points test images' features in 2-D by t-SNE (scikit-learn: PCA initialisation, --seed), coloured
+  by class;
+
+and OUT/spectrum.png: the singular values of the centred, L2-normalised features of the test set, on a log scale,
+with their effective rank RankMe (Garrido et al., ICML 2023), of each backbone and control; beside it, where the
+checkpoint.pt next to a backbone.pt holds the method's model, the same for its projector's output (VICReg: its
+expander's), the embedding the loss sees.
 
 OUT/inspect.md lists the figures with the caption that says how to read each. Needs matplotlib and scikit-learn
 (the `plots` dependency group).
@@ -41,9 +43,11 @@ def parse(argv=None):
     p.add_argument("--dataset", choices=cli.DATASETS, default="cifar10", help="labelled dataset (default: cifar10)")
     p.add_argument("--data-dir", default="./data", help="dataset root, as for the method files (default: ./data)")
     p.add_argument("--image-size", type=int, default=0, help="input size (0: the run's, else the dataset's)")
-    p.add_argument("--out", default="", help="where the figures go (default: the backbone's directory)")
+    p.add_argument("--out", default="", help="where the figures go (default: inspect/ beside the backbone)")
     p.add_argument("--k", type=int, default=8, help="neighbours shown per query (default: 8)")
     p.add_argument("--map-points", type=int, default=2000, help="test images on the t-SNE map (default: 2000)")
+    p.add_argument("--control", action=argparse.BooleanOptionalAction, default=True,
+                   help="also draw the first run of each method at initialisation, the control (default: yes)")
     p.add_argument("--seed", type=int, default=0, help="the queries, the map's images and t-SNE (default: 0)")
     p.add_argument("--workers", type=int, default=cli.default_workers(), help="data loader processes")
     p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
@@ -86,8 +90,8 @@ def controls(backbone_path, backbone, config, device):
         bare = resnet.resnet("resnet50" if "layer1.0.conv3.weight" in state else "resnet18",
                              cifar_stem=state["conv1.weight"].shape[-1] == 3)
         return None, bare.to(device).eval(), None
-    heads = [m.projector.to(device).eval() if hasattr(m, "projector") else None for m in (trained, control)]
-    return heads[0], control.backbone.to(device).eval(), heads[1]
+    on = lambda m: m.to(device).eval() if m is not None else None  # noqa: E731
+    return on(evaluate.head(trained)), on(control.backbone), on(evaluate.head(control))
 
 
 def images(dataset, indices, name):
@@ -194,22 +198,27 @@ def main(argv=None):
     image_size = a.image_size or config.get("image_size") or cli.DATASET_DEFAULTS[a.dataset]["image_size"]
     train_set, test_set = evaluate.eval_sets(a.dataset, a.data_dir, image_size)
     classes = list(getattr(train_set.base, "classes", None) or [str(c) for c in range(10)])
-    out = Path(a.out or Path(a.backbone).parent)
+    out = Path(a.out or Path(a.backbone).parent / "inspect")
     loaders = [data.eval_loader(s, 256, a.workers, device) for s in (train_set, test_set)]
     names = [_name(p, paths) for p in paths]
     if len(classes) < 2 or len({label for _, label in getattr(train_set.base, "samples", [(0, 0), (0, 1)])}) < 2:
         dist.fail(f"the {a.dataset} training set in {a.data_dir} has one class: the pictures need labels (one folder "
                   f"per class); pass a labelled dataset")
     panels = ["backbone features", "projector output (the embedding the loss sees)"]
-    spectra, captions = {panel: [] for panel in panels}, []
+    spectra, captions, subjects = {panel: [] for panel in panels}, [], []
+    for (backbone, run_config), path, name in zip(loaded, paths, names):  # each run, and the control of each method
+        head, control, control_head = controls(path, backbone, run_config, device)
+        method = run_config.get("method", "backbone")
+        subjects.append((name, name, backbone, head, method))
+        if a.control and method not in {s[4] for s in subjects[:-1]}:
+            subjects.append((f"{name}-init", f"{name} at initialisation", control, control_head, f"{method} at init"))
     try:
-        for (backbone, run_config), path, name in zip(loaded, paths, names):
-            head, control, control_head = controls(path, backbone, run_config, device)
+        for folder, label, backbone, head, method in subjects:
             memory, memory_labels, _ = evaluate.embed(gpu.model(backbone), loaders[0], gpu)
             f, labels, z = evaluate.embed(gpu.model(backbone), loaders[1], gpu, head)
-            where = out / name if a.compare else out
+            where = out / folder
             where.mkdir(parents=True, exist_ok=True)
-            title = f"{name} ({run_config.get('method', 'backbone')}), {a.dataset} {image_size} px"
+            title = f"{label} ({method}), {a.dataset} {image_size} px"
             # nearest neighbours
             queries = one_per_class(labels.cpu(), a.seed)
             sims, idx = nearest(f[queries], memory, a.k)
@@ -227,14 +236,10 @@ def main(argv=None):
             fig = map_figure(points, labels[chosen].cpu().numpy(), classes, f"t-SNE of backbone features: {title}")
             fig.savefig(where / "map.png", dpi=80)
             captions.append((where / "map.png", CAPTIONS["map"].format(n=n, seed=a.seed)))
-            # the spectra, the control's beside the first run's
-            f0, _, z0 = evaluate.embed(gpu.model(control), loaders[1], gpu, control_head) if name == names[0] else \
-                (None, None, None)
-            for panel, trained, initial in zip(panels, (f, z), (f0, z0)):
-                if trained is not None:
-                    spectra[panel].append((name, evaluate.spectrum(trained).cpu()))
-                if initial is not None:
-                    spectra[panel].append((f"{name} at initialisation", evaluate.spectrum(initial).cpu()))
+            # the spectra
+            for panel, features in zip(panels, (f, z)):
+                if features is not None:
+                    spectra[panel].append((label, evaluate.spectrum(features).cpu()))
     except data.DataError as e:
         dist.fail(data.DataError.line(e))
     out.mkdir(parents=True, exist_ok=True)

@@ -304,9 +304,9 @@ class Run:
         return self._knn_data
 
     def _ranks(self):
-        """The effective rank (RankMe) of the test set's backbone features and, where the model has a projector,
-        of the embedding the loss sees: {"rank": ..., "rank_z": ...}. One pass over the test set."""
-        return evaluate.ranks(self.backbone, self._knn_loaders()[1], self.gpu, getattr(self.model, "projector", None))
+        """The effective rank (RankMe) of the test set's backbone features and, where the model has a projector (or
+        expander), of the embedding the loss sees: {"rank": ..., "rank_z": ...}. One pass over the test set."""
+        return evaluate.ranks(self.backbone, self._knn_loaders()[1], self.gpu, evaluate.head(self.model))
 
     def _measure_control(self):
         """Before the first step of a fresh run: the effective ranks of the network at initialisation, the control

@@ -274,8 +274,9 @@ def test_report_table_and_figures(real_run, tmp_path):
     assert stats == {"pos_sim": ["simclr-run (simclr)"], "std_z": [f"{real_run.name} (simsiam)"],
                      "rank": [f"{real_run.name} (simsiam)"], "rank_z": [f"{real_run.name} (simsiam)"]}
     # common.inspect's pictures of each run that has a backbone.pt, on the data its config.json names
-    for name in ("neighbours.png", "map.png", "spectrum.png", "inspect.md"):
-        assert (tmp_path / "report" / real_run.name / name).is_file()
+    for name in ("neighbours.png", "map.png"):
+        assert (tmp_path / "report" / real_run.name / real_run.name / name).is_file()
+    assert (tmp_path / "report" / real_run.name / "spectrum.png").is_file()
     assert not (tmp_path / "report" / "simclr-run").exists()
 
 
@@ -292,20 +293,21 @@ def test_inspect_draws_the_pictures_of_a_run_the_same_under_a_seed(real_run, sep
     inspect.main([*flags, "--out", str(tmp_path / "b")])
     inspect.main([*flags, "--out", str(tmp_path / "c"), "--seed", "1"])
     from PIL import Image
-    for name in ("neighbours.png", "map.png", "spectrum.png"):
-        with Image.open(tmp_path / "a" / name) as image:
+    name = real_run.name
+    drawn = [f"{run}/{picture}" for run in (name, f"{name}-init") for picture in ("neighbours.png", "map.png")]
+    for picture in [*drawn, "spectrum.png"]:
+        with Image.open(tmp_path / "a" / picture) as image:
             image.verify()
             assert image.format == "PNG" and 300 < image.size[0] < 2000
-        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
-    assert (tmp_path / "a" / "map.png").read_bytes() != (tmp_path / "c" / "map.png").read_bytes()
-    assert (tmp_path / "a" / "neighbours.png").read_bytes() != (tmp_path / "c" / "neighbours.png").read_bytes()
+        assert (tmp_path / "a" / picture).read_bytes() == (tmp_path / "b" / picture).read_bytes(), picture
+    for picture in drawn:
+        assert (tmp_path / "a" / picture).read_bytes() != (tmp_path / "c" / picture).read_bytes(), picture
     md = (tmp_path / "a" / "inspect.md").read_text()
-    assert md.count("![") == 3 and "blue frame" in md and "t-SNE" in md and "RankMe" in md
+    assert md.count("![") == 5 and "blue frame" in md and "t-SNE" in md and "RankMe" in md
     rows = [json.loads(r) for r in (real_run / "metrics.jsonl").read_text().splitlines()]
     monitored = [r for r in rows if "rank" in r]
     assert monitored[0]["step"] == 0 and monitored[-1]["step"] == 4
     backbone, projector = ranks["backbone features"], ranks["projector output (the embedding the loss sees)"]
-    name = real_run.name
     assert backbone[name] == pytest.approx(monitored[-1]["rank"], rel=1e-9)
     assert projector[name] == pytest.approx(monitored[-1]["rank_z"], rel=1e-9)
     assert backbone[f"{name} at initialisation"] == pytest.approx(monitored[0]["rank"], rel=1e-9)
