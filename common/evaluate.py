@@ -1,4 +1,5 @@
-"""Weighted kNN monitor (Wu et al. 2018): k = 200 neighbours, weights exp(cos/t), t = 0.1.
+"""Weighted kNN monitor (Wu et al. 2018): k = 200 neighbours, weights exp(cos/t), t = 0.1; and the effective rank
+of the features (RankMe, Garrido et al. 2023), the monitor of dimensional collapse.
 
 Memory: the training set without augmentation; queries: the test set; both sharded over ranks."""
 import json
@@ -62,6 +63,63 @@ def knn(backbone, memory_loader, test_loader, gpu, k=200, t=0.1):
     counts = dist.all_reduce_mean(counts) * dist.world()
     backbone.train(training)
     return (counts[0] / counts[1]).item()
+
+
+def spectrum(f):
+    """The singular values, largest first, of the features `f` (n, d), each row L2-normalised, then centred over
+    the rows (float64): how much of the features' spread lies along each direction."""
+    z = F.normalize(f.double(), dim=1)
+    sigma = torch.linalg.svdvals(z - z.mean(0))
+    # differs from RankMe's paper, which takes the features as they are: centred, the rows of a collapsed embedding
+    # leave only their float32 rounding (about 1e-7 each), which RankMe, blind to scale, would count as spread; so
+    # singular values under sqrt(n) * 1e-6 (rows that agree to 1e-6) count as 0
+    return torch.where(sigma < len(z) ** 0.5 * 1e-6, 0.0, sigma)
+
+
+def rankme(sigma, eps=1e-7):
+    """The effective rank RankMe (Garrido et al., ICML 2023, Eq. 1) of the singular values `sigma`: exp of the
+    entropy of p_k = σ_k / ‖σ‖₁ + ε (ε = 1e-7, the paper's). 1 when the features vary along one direction (or
+    none), d when they spread evenly over all d."""
+    p = sigma.double() / sigma.double().sum().clamp_min(1e-300) + eps  # (a collapsed embedding: σ = 0, p = ε)
+    return torch.exp(-(p * p.log()).sum()).item()
+
+
+@torch.no_grad()
+def embed(backbone, loader, gpu, head=None):
+    """The backbone's features of this rank's shard, as they leave it (not normalised), the labels, and with
+    `head` (a projector) head(features), else None; in eval mode, the modes restored after. (n, dim), (n,), (n, d)"""
+    modules = [m for m in (backbone, head) if m is not None]
+    training = [m.training for m in modules]
+    for m in modules:
+        m.eval()
+    f, y, z = [], [], []
+    for x, labels in loader:
+        with gpu.autocast():
+            h = backbone(gpu.inputs(x))
+            z += [head(h).float()] if head is not None else []
+        f.append(h.float())
+        y.append(labels.to(gpu.device))
+    for m, mode in zip(modules, training):
+        m.train(mode)
+    return torch.cat(f), torch.cat(y), torch.cat(z) if head is not None else None
+
+
+HEADS = ("projector", "expander")  # the module whose output the loss sees, by its paper's name (VICReg: expander)
+
+
+def head(model):
+    """The model's projector (or expander), whose output the loss sees; None where it has none (MoCo)."""
+    return next((getattr(model, name) for name in HEADS if hasattr(model, name)), None)
+
+
+def ranks(backbone, loader, gpu, head=None):
+    """{"rank": RankMe of the backbone's features of `loader`'s images (all ranks' shards), and with `head` (the
+    projector whose output the loss sees) "rank_z": of head(features)}, in eval mode."""
+    f, _, z = embed(backbone, loader, gpu, head)
+    out = {"rank": rankme(spectrum(gather_uneven(f)))}
+    if head is not None:
+        out["rank_z"] = rankme(spectrum(gather_uneven(z)))
+    return out
 
 
 def eval_sets(dataset, root, image_size):

@@ -45,6 +45,13 @@ class Metrics:
             rows = [r for r in self.path.read_text().splitlines() if r and json.loads(r)["step"] <= step]
             self.path.write_text("".join(r + "\n" for r in rows))
 
+    def first_row(self):
+        """metrics.jsonl's first row ({"step": -1} when there is none), on rank 0."""
+        try:
+            return json.loads(self.path.read_text().splitlines()[0])
+        except (OSError, IndexError, ValueError):
+            return {"step": -1}
+
     def record(self, step, loss, **stats):
         """This step's loss and statistics, kept on the device until the next flush; the first step whose loss
         is not finite is remembered there too (no transfer, no wait)."""

@@ -6,14 +6,17 @@ From each run's config.json, metrics.jsonl and (when present) linear.json: OUT/r
 (method, dataset, epochs, global batch, the final epoch's kNN top-1, the best kNN top-1 with its epoch,
 linear top-1 with its protocol, wall time, images/s, device, the command), and OUT/knn.png, OUT/loss.png
 and OUT/stats.png: kNN top-1, loss and each method's own collapse statistic (the statistics it logs
-beside the loss: std_z, pos_sim, c_diag, std, ...) against the epoch, every run overlaid. Needs matplotlib
-(the `plots` dependency group).
+beside the loss: std_z, pos_sim, c_diag, std, ...) against the epoch, every run overlaid; the wall time adds the
+parts of a resumed run, each from its start. For each run with a backbone.pt, OUT/<run>/ holds common.inspect's
+pictures (nearest neighbours, t-SNE map, spectrum) on the dataset the run names (--no-inspect: none). Needs
+matplotlib and scikit-learn (the `plots` dependency group).
 """
 import argparse
 import json
 import statistics
 from pathlib import Path
 
+RANKS = ("rank", "rank_z")  # the kNN evaluation's effective ranks (common.evaluate.ranks)
 STANDARD = ("step", "epoch", "loss", "lr", "img_per_s", "data_share", "knn_top1", "time", "tau", "m")  # not statistics: schedules
 
 
@@ -61,6 +64,21 @@ def _duration(seconds):
     return f"{int(seconds // 3600)}:{int(seconds % 3600 // 60):02d}:{int(seconds % 60):02d}"
 
 
+def wall_time(config, rows):
+    """Seconds the run took: from each start of its process (config.json's "starts", one per part of a resumed run)
+    to the last row that part logged, summed; a run directory written before the starts were recorded: the span
+    of its rows. None when there is nothing to measure."""
+    times = sorted(r["time"] for r in rows if "time" in r)
+    starts = sorted(config.get("starts") or [])
+    if not starts:
+        return times[-1] - times[0] if len(times) > 1 else None
+    total = 0.0
+    for start, following in zip(starts, [*starts[1:], float("inf")]):
+        logged = [t for t in times if start <= t < following]
+        total += (logged[-1] - start) if logged else 0.0
+    return total
+
+
 def row(name, config, rows, linear):
     """The table's cells for one run."""
     knn = [r for r in rows if "knn_top1" in r]
@@ -70,12 +88,12 @@ def row(name, config, rows, linear):
     best = f"{100 * best['knn_top1']:.2f} (epoch {best['epoch']})" if best else "–"
     probes = [f"{100 * v['top1']:.2f} ({p}: {v.get('name', p)})" for p, v in linear.items()
               if isinstance(v, dict) and "top1" in v]
-    times = [r["time"] for r in rows if "time" in r]
+    seconds = wall_time(config, rows)
     knn_protocol = f"k {config.get('knn_k', 200)}, t {config.get('knn_t', 0.1)}"
     command = config.get("command")
     return [name, config.get("method", "?"), config.get("dataset", "?"), str(config.get("epochs", "?")),
             str(config.get("batch_size", "?")), final, best, knn_protocol, "; ".join(probes) or "–",
-            _duration(times[-1] - times[0]) if len(times) > 1 else "–",
+            _duration(seconds) if seconds is not None else "–",
             f"{statistics.median(r['img_per_s'] for r in steps):.0f}" if steps else "–",
             config.get("hardware", config.get("device", "–")), f"`{command}`" if command else "–"]
 
@@ -119,7 +137,10 @@ def figures(runs):
             x, y = series(config, rows, stat)
             if x:
                 ax.plot(x, y, label=f"{name} ({config.get('method')})")
-        ax.set(title=f"{stat} (logged by the method beside its loss)", xlabel="epoch", ylabel=stat)
+        what = (f"effective rank (RankMe) of the test set's {'embedding' if stat == 'rank_z' else 'backbone features'}"
+                f", at each kNN evaluation (0: at initialisation)") if stat in RANKS else \
+            f"{stat} (logged by the method beside its loss)"
+        ax.set(title=what, xlabel="epoch", ylabel=stat)
         ax.grid(alpha=0.3)
         ax.legend(fontsize="small")
     out["stats.png"] = fig
@@ -130,6 +151,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("runs", nargs="+", help="run directories (a method's --out)")
     p.add_argument("--out", default="runs/report", help="where report.md and the PNGs go")
+    p.add_argument("--inspect", action=argparse.BooleanOptionalAction, default=True,
+                   help="also draw common.inspect's pictures of each run's backbone.pt in OUT/<run> (default: yes)")
     a = p.parse_args(argv)
     try:
         import matplotlib  # noqa: F401
@@ -149,7 +172,26 @@ def main(argv=None):
         raise SystemExit(f"error: cannot write to {out} ({e.strerror}); pass a writable --out") from None
     print(table(runs), end="")
     print(f"wrote {out / 'report.md'}, {', '.join(str(out / n) for n in ('knn.png', 'loss.png', 'stats.png'))}")
+    if a.inspect:
+        for (name, config, _, _), directory in zip(runs, a.runs):
+            pictures(name, config, Path(directory), out / name)
     return runs
+
+
+def pictures(name, config, directory, out):
+    """common.inspect on a run's backbone.pt, with the data flags of its config.json; a run whose backbone or data
+    is not at hand gets a line saying so instead."""
+    from common import inspect
+    if not (directory / "backbone.pt").is_file():
+        print(f"no pictures of {name}: it has no backbone.pt")
+        return
+    flags = ["--backbone", str(directory / "backbone.pt"), "--out", str(out), "--dataset", config.get("dataset", "cifar10"),
+             "--data-dir", config.get("data_dir", "./data"), "--image-size", str(config.get("image_size") or 0),
+             "--workers", str(min(config.get("workers", 2), 2)), "--device", config.get("device", "auto")]
+    try:
+        inspect.main(flags)
+    except SystemExit as e:
+        print(f"no pictures of {name}: {str(e.code).removeprefix('error: ')}")
 
 
 if __name__ == "__main__":

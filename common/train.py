@@ -63,6 +63,7 @@ class Run:
         self.step = self.epoch = 0  # optimiser steps taken; whole epochs done (the schedules' epoch, from 0)
         self._resumed = False
         self._knn_data, self._knn_also = None, {}
+        self._rank_control, self._collapse_said = {}, False  # the collapse line's control, and whether it was said
         if dist.is_main():
             try:
                 self.dir.mkdir(parents=True, exist_ok=True)
@@ -72,6 +73,8 @@ class Run:
                 dist.fail(f"{self.checkpoint} exists and --no-resume was given; pass a new --out, "
                           f"or delete that checkpoint to start over")
         self._resume = self._read_checkpoint()  # before anything in the run directory changes
+        self._starts = [*(_config(self.dir).get("starts", []) if self._resume else []), time.time()]  # the report's
+        # wall time adds the parts of a resumed run, each from its start
         self._saved_at, self._saved_step = time.time(), self._resume["step"] if self._resume else None
         self._write_config()
         self.metrics = Metrics(self.dir, self.device, args.tensorboard)
@@ -85,7 +88,7 @@ class Run:
         try:
             (self.dir / "config.json").write_text(json.dumps(
                 {"method": self.method, "world_size": dist.world(), "command": _command(self.method),
-                 "hardware": _device_name(self.device), "gpu_path": self.gpu.describe(),
+                 "hardware": _device_name(self.device), "gpu_path": self.gpu.describe(), "starts": self._starts,
                  **dataclasses.asdict(self.args), **extra}, indent=2))
         except OSError as e:
             dist.fail(f"cannot write to the run directory {self.dir} ({e.strerror}); pass a writable --out")
@@ -202,6 +205,7 @@ class Run:
         self._write_config(steps_per_epoch=self.steps_per_epoch)
         if self._resumed and dist.is_main():
             print(f"resumed from {self.checkpoint} at epoch {self.epoch_number()}, step {self.step}", flush=True)
+        self._measure_control()
         self.metrics.start_timer(self.step)
         line = self.step + 1  # the step of the next progress line: the first comes after the first step
         with self._interrupt_between_steps() as interrupted:
@@ -302,20 +306,58 @@ class Run:
     def knn(self):
         if self.args.knn_every < 0:
             return
+        top1 = evaluate.knn(self.backbone, *self._knn_loaders(), self.gpu, self.args.knn_k, self.args.knn_t)
+        row = {"step": self.step, "epoch": self.epoch_number(), "knn_top1": top1}
+        for key, encoder in self._knn_also.items():
+            row[key] = evaluate.knn(encoder, *self._knn_loaders(), self.gpu, self.args.knn_k, self.args.knn_t)
+        row.update(self._ranks())
+        self.metrics.write(row)
+        if dist.is_main():
+            also = "".join(f", {key} {100 * row[key]:.2f}%" for key in self._knn_also)
+            print(f"epoch {row['epoch']}/{self.args.epochs} step {self.step}/{self.total_steps}: kNN top-1 "
+                  f"{100 * top1:.2f}%{also}; {_ranks_said(row, self._rank_control)}", flush=True)
+            self._say_collapse(row)
+
+    def _knn_loaders(self):
+        """The monitor's training and test sets without augmentation, made once."""
         if self._knn_data is None:
             a = self.args
             t = data.eval_transform(a.dataset, a.image_size)
             self._knn_data = [data.eval_loader(data.Transformed(data.dataset(a.dataset, a.data_dir, split, a.image_size), t),
                                                256, a.workers, self.device) for split in ("train", "test")]
-        top1 = evaluate.knn(self.backbone, *self._knn_data, self.gpu, self.args.knn_k, self.args.knn_t)
-        row = {"step": self.step, "epoch": self.epoch_number(), "knn_top1": top1}
-        for key, encoder in self._knn_also.items():
-            row[key] = evaluate.knn(encoder, *self._knn_data, self.gpu, self.args.knn_k, self.args.knn_t)
-        self.metrics.write(row)
-        if dist.is_main():
-            also = "".join(f", {key} {100 * row[key]:.2f}%" for key in self._knn_also)
-            print(f"epoch {row['epoch']}/{self.args.epochs} step {self.step}/{self.total_steps}: kNN top-1 "
-                  f"{100 * top1:.2f}%{also}", flush=True)
+        return self._knn_data
+
+    def _ranks(self):
+        """The effective rank (RankMe) of the test set's backbone features and, where the model has a projector (or
+        expander), of the embedding the loss sees: {"rank": ..., "rank_z": ...}. One pass over the test set."""
+        return evaluate.ranks(self.backbone, self._knn_loaders()[1], self.gpu, evaluate.head(self.model))
+
+    def _measure_control(self):
+        """Before the first step of a fresh run: the effective ranks of the network at initialisation, the control
+        the collapse line compares with, as metrics.jsonl's step-0 row; a resumed run reads that row back."""
+        if self.args.knn_every < 0:
+            return
+        if self.step == 0:
+            self._rank_control = self._ranks()
+            self.metrics.write({"step": 0, "epoch": 0, **self._rank_control})
+            if dist.is_main():
+                print(f"at initialisation: {_ranks_said(self._rank_control)}", flush=True)
+        elif dist.is_main():
+            first = self.metrics.first_row()
+            self._rank_control = {k: v for k, v in first.items() if k in ("rank", "rank_z")} if first["step"] == 0 else {}
+
+    def _say_collapse(self, row):
+        """One line, once, when an effective rank falls under a tenth of the control's."""
+        for key, name in (("rank", "backbone features"), ("rank_z", "embedding the loss sees")):
+            control = self._rank_control.get(key)
+            if self._collapse_said or control is None or key not in row or row[key] >= control / COLLAPSE:
+                continue
+            self._collapse_said = True
+            print(f"collapse: the effective rank of the {name} is {row[key]:.1f}, under 1/{COLLAPSE} of the "
+                  f"{control:.1f} of the same network at initialisation: they vary along few directions, so they "
+                  f"tell few images apart (dimensional collapse); usual causes: a learning rate too high, too "
+                  f"small a batch, a missing stop-gradient or predictor, a variance or redundancy term too weak",
+                  flush=True)
 
     def knn_also(self, key, encoder):
         """At each kNN evaluation, also log the kNN top-1 on `encoder`'s output under `key` (a method that
@@ -343,6 +385,19 @@ class Run:
         return self.metrics.flush(self.step, self.epoch_number(), self.args.epochs, self.total_steps, self.args.batch_size)
 
 
+COLLAPSE = 10  # the collapse line: an effective rank under 1/COLLAPSE of the control's
+
+
+def _ranks_said(row, control=None):
+    """The kNN line's part: effective rank 41.2 (at init 290.7), of z 12.3 (at init 88.0)."""
+    said = []
+    for key, name in (("rank", "effective rank"), ("rank_z", "of z")):
+        if key in row:
+            at_init = f" (at init {control[key]:.1f})" if control and key in control else ""
+            said.append(f"{name} {row[key]:.1f}{at_init}")
+    return ", ".join(said)
+
+
 @contextlib.contextmanager
 def _sigint_deferred():
     """Hold Ctrl-C back while checkpoint files are written; it takes effect right after."""
@@ -357,6 +412,15 @@ def _sigint_deferred():
         signal.signal(signal.SIGINT, previous)
     if caught:
         raise KeyboardInterrupt
+
+
+def _config(directory):
+    """A run directory's config.json, {} when there is none or it is not JSON."""
+    try:
+        config = json.loads((Path(directory) / "config.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return config if isinstance(config, dict) else {}
 
 
 def _command(method):

@@ -11,7 +11,7 @@ import torch
 
 from conftest import run_main
 
-from common import cli, evaluate, knn, linear, optim, report, resnet
+from common import cli, evaluate, inspect, knn, linear, optim, report, resnet
 
 load_backbone = evaluate.load_backbone
 
@@ -215,7 +215,8 @@ def test_tensorboard_events_hold_the_metrics(real_run):
         for k, v in r.items():
             if k not in ("step", "epoch", "time"):
                 expected.setdefault(k, []).append((r["step"], v))
-    assert set(events.Tags()["scalars"]) == set(expected) >= {"loss", "lr", "std_z", "img_per_s", "data_share", "knn_top1"}
+    assert set(events.Tags()["scalars"]) == set(expected) >= {"loss", "lr", "std_z", "img_per_s", "data_share",
+                                                              "knn_top1", "rank", "rank_z"}
     for tag, points in expected.items():
         got = [(e.step, e.value) for e in events.Scalars(tag)]
         assert [s for s, _ in got] == [s for s, _ in points], tag
@@ -270,7 +271,91 @@ def test_report_table_and_figures(real_run, tmp_path):
     loss = {line.get_label(): line for line in figures["loss.png"].axes[0].get_lines()}
     assert list(loss["simclr-run (simclr)"].get_xdata())[:2] == [0.1, 0.2] and len(loss) == 2
     stats = {ax.get_ylabel(): [line.get_label() for line in ax.get_lines()] for ax in figures["stats.png"].axes}
-    assert stats == {"pos_sim": ["simclr-run (simclr)"], "std_z": [f"{real_run.name} (simsiam)"]}
+    assert stats == {"pos_sim": ["simclr-run (simclr)"], "std_z": [f"{real_run.name} (simsiam)"],
+                     "rank": [f"{real_run.name} (simsiam)"], "rank_z": [f"{real_run.name} (simsiam)"]}
+    # common.inspect's pictures of each run that has a backbone.pt, on the data its config.json names
+    for name in ("neighbours.png", "map.png"):
+        assert (tmp_path / "report" / real_run.name / real_run.name / name).is_file()
+    assert (tmp_path / "report" / real_run.name / "spectrum.png").is_file()
+    assert not (tmp_path / "report" / "simclr-run").exists()
+
+
+@pytest.mark.xdist_group("evaluation-run")
+def test_inspect_draws_the_pictures_of_a_run_the_same_under_a_seed(real_run, separable, tmp_path):
+    """common.inspect end to end on the real run's backbone.pt (SimSiam; the checkpoint.pt beside it gives the
+    projector): the three PNGs and inspect.md with a caption for each; the backbone's RankMe equals the monitor's
+    last one and the control's (the run's model rebuilt under its seed) the monitor's at step 0 (the same test set
+    in eval mode, the same float32 features: equal to float64 rounding); the same seed draws the same files byte
+    for byte, another seed other queries and another map."""
+    flags = ["--backbone", str(real_run / "backbone.pt"), "--dataset", "folder", "--data-dir", str(separable[0]),
+             "--workers", "0", "--device", "cpu", "--k", "4", "--map-points", "40"]
+    ranks = inspect.main([*flags, "--out", str(tmp_path / "a")])
+    inspect.main([*flags, "--out", str(tmp_path / "b")])
+    inspect.main([*flags, "--out", str(tmp_path / "c"), "--seed", "1"])
+    from PIL import Image
+    name = real_run.name
+    drawn = [f"{run}/{picture}" for run in (name, f"{name}-init") for picture in ("neighbours.png", "map.png")]
+    for picture in [*drawn, "spectrum.png"]:
+        with Image.open(tmp_path / "a" / picture) as image:
+            image.verify()
+            assert image.format == "PNG" and 300 < image.size[0] < 2000
+        assert (tmp_path / "a" / picture).read_bytes() == (tmp_path / "b" / picture).read_bytes(), picture
+    for picture in drawn:
+        assert (tmp_path / "a" / picture).read_bytes() != (tmp_path / "c" / picture).read_bytes(), picture
+    md = (tmp_path / "a" / "inspect.md").read_text()
+    assert md.count("![") == 5 and "blue frame" in md and "t-SNE" in md and "RankMe" in md
+    rows = [json.loads(r) for r in (real_run / "metrics.jsonl").read_text().splitlines()]
+    monitored = [r for r in rows if "rank" in r]
+    assert monitored[0]["step"] == 0 and monitored[-1]["step"] == 4
+    backbone, projector = ranks["backbone features"], ranks["projector output (the embedding the loss sees)"]
+    assert backbone[name] == pytest.approx(monitored[-1]["rank"], rel=1e-9)
+    assert projector[name] == pytest.approx(monitored[-1]["rank_z"], rel=1e-9)
+    assert backbone[f"{name} at initialisation"] == pytest.approx(monitored[0]["rank"], rel=1e-9)
+    assert projector[f"{name} at initialisation"] == pytest.approx(monitored[0]["rank_z"], rel=1e-9)
+
+
+@pytest.mark.parametrize("kind", ["missing", "checkpoint", "unlabelled"])
+def test_inspect_of_bad_input_is_one_line(kind, separable, tmp_path):
+    path, root = tmp_path / "backbone.pt", separable[0]
+    if kind == "checkpoint":
+        torch.save({"method": "simsiam", "step": 3, "model": {}}, path)
+    else:
+        torch.save(resnet.resnet("resnet18", cifar_stem=True).state_dict(), path)
+        path = path if kind == "unlabelled" else tmp_path / "absent.pt"
+    if kind == "unlabelled":  # one class: images without labels
+        root = tmp_path / "unlabelled"
+        for split in ("train", "test"):
+            (root / split).mkdir(parents=True)
+            (root / split / "images").symlink_to(separable[0] / split / "class0")
+    expected = {"missing": "no backbone at", "checkpoint": "is a training checkpoint, not a backbone",
+                "unlabelled": "has one class: the pictures need labels"}[kind]
+    with pytest.raises(SystemExit) as e:
+        inspect.main(["--backbone", str(path), "--dataset", "folder", "--data-dir", str(root), "--workers", "0",
+                      "--device", "cpu", "--out", str(tmp_path / "out")])
+    assert str(e.value.code).startswith("error: ") and expected in str(e.value.code) and "\n" not in str(e.value.code)
+
+
+def test_the_collapse_line_is_said_once(separable, tmp_path, monkeypatch, capsys):
+    """The real loop, three kNN evaluations; the effective ranks (common.evaluate.ranks) are those of a network
+    whose embedding collapses after the first steps (z's rank 4 against 50 at initialisation, under a tenth): one
+    line says so, once, naming the embedding and what it means; the step-0 row keeps the control. A loop that says
+    it at every evaluation, or never (no control), fails here."""
+    import simsiam
+    measured = []
+
+    def ranks(backbone, loader, gpu, head=None):
+        measured.append(head is not None)
+        return {"rank": 100.0, "rank_z": 50.0} if len(measured) == 1 else {"rank": 90.0, "rank_z": 4.0}
+    monkeypatch.setattr(evaluate, "ranks", ranks)
+    run_main(simsiam, "--dataset", "folder", "--data-dir", separable[0], *SIZE, "--batch-size", "16", "--epochs", "3",
+             "--knn-every", "1", "--knn-k", "20", "--log-every", "4", "--dim", "64", "--pred-dim", "16", "--out", tmp_path)
+    out = capsys.readouterr().out
+    assert measured == [True] * 4  # at step 0, then at each of the 3 evaluations, with SimSiam's projector
+    said = [line for line in out.splitlines() if line.startswith("collapse:")]
+    assert len(said) == 1 and "embedding the loss sees is 4.0" in said[0] and "50.0" in said[0], out
+    assert "of z 4.0 (at init 50.0)" in out
+    rows = [json.loads(r) for r in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert rows[0] == {"step": 0, "epoch": 0, "rank": 100.0, "rank_z": 50.0, "time": rows[0]["time"]}
 
 
 def test_report_of_a_directory_that_is_not_a_run_is_one_line(tmp_path):

@@ -1,5 +1,6 @@
 """Exact resume, and checkpoints that survive a kill at any moment."""
 import importlib
+import json
 import random
 import signal
 import subprocess
@@ -45,6 +46,8 @@ def test_interrupted_and_resumed_run_ends_with_the_weights_of_a_straight_run(met
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
     steps = [r for r in (resumed / "metrics.jsonl").read_text().splitlines() if '"loss"' in r]
     assert len(steps) == 7  # one row per step, none repeated by the resume
+    starts = json.loads((resumed / "config.json").read_text())["starts"]  # the report's wall time adds the parts
+    assert len(starts) == 2 and starts[0] < starts[1] and len(json.loads((straight / "config.json").read_text())["starts"]) == 1
 
 
 WRITER = """
