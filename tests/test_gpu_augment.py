@@ -416,7 +416,8 @@ def test_streamed_device_views_are_each_samples_cpu_geometry():
     keys = list(sampler)[:8]
     x1, x2 = next(made.epoch(sampler, 8, step=9))
     expected = [views[k] for k in keys]
-    assert torch.equal(x1, torch.stack([e[0] for e in expected])) and torch.equal(x2, torch.stack([e[1] for e in expected]))
+    assert torch.equal(x1, torch.stack([e[0] for e in expected]))
+    assert torch.equal(x2, torch.stack([e[1] for e in expected]))
     assert not torch.equal(x1, x2)
 
 
