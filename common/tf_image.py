@@ -163,7 +163,7 @@ def sample_distorted_bounding_box(g, n, height, width, area_range=(0.08, 1.0), a
     u = torch.rand(n, max_attempts, 4, generator=g, device=device, dtype=torch.float64)  # per attempt: a, h, top, left
     box = (height, width, area_range, aspect_ratio_range, min_object_covered)
     if n == 1 and u.device.type == "cpu":  # the CPU loader's one image: attempt after attempt, as the kernel loops
-        return tuple(torch.tensor([v]) for v in _bounding_box_one(u[0].tolist(), *box))
+        return tuple(torch.tensor([v]) for v in _bounding_box_one(u[0], *box))
     return _bounding_box(u, *box)
 
 
@@ -212,14 +212,15 @@ def _f32(v):
 
 
 def _bounding_box_one(u, height, width, area_range, aspect_ratio_range, min_object_covered):
-    """_bounding_box for one image, from its draws u (max_attempts lists of 4 floats), in Python scalars: the same
+    """_bounding_box for one image, from its draws u (max_attempts, 4), in Python scalars: the same
     arithmetic step for step (float32 where the batched form computes in float32), stopping at the first attempt
     that passes, as the kernel's loop does; no tensor op per attempt (tests/test_tf_augment.py checks it against
     the batched form draw for draw)."""
     lo, hi = _f32(aspect_ratio_range[0]), _f32(aspect_ratio_range[1])
     min_area = _f32(_f32(_f32(area_range[0]) * width) * height)
     max_area = _f32(_f32(_f32(area_range[1]) * width) * height)
-    for u_a, u_h, u_top, u_left in u:
+    attempts = (draw for first in range(0, len(u), 8) for draw in u[first:first + 8].tolist())  # (most pass at once)
+    for u_a, u_h, u_top, u_left in attempts:
         a = _f32(_f32(_f32(u_a) * _f32(hi - lo)) + lo)
         h = round(_f32(math.sqrt(_f32(min_area / a))))  # round(): halves to even, as lrintf
         max_h = round(_f32(math.sqrt(_f32(max_area / a))))

@@ -354,7 +354,7 @@ def test_one_image_bounding_box_equals_the_batched_sampler():
         kw = {"area_range": (0.08, 1.0), "aspect_ratio_range": (3 / 4, 4 / 3), "min_object_covered": 0.1, **kw}
         u = torch.rand(1000, 100, 4, generator=torch.Generator().manual_seed(height), dtype=torch.float64)
         batched = torch.stack(tf_image._bounding_box(u, height, width, *kw.values()), dim=1)
-        one = torch.tensor([tf_image._bounding_box_one(u[i].tolist(), height, width, *kw.values()) for i in range(len(u))])
+        one = torch.tensor([tf_image._bounding_box_one(u[i], height, width, *kw.values()) for i in range(len(u))])
         assert torch.equal(one, batched), (height, width, (one != batched).any(dim=1).sum())
         single = tf_image.sample_distorted_bounding_box(torch.Generator().manual_seed(5), 1, height, width, **kw)
         u = torch.rand(1, 100, 4, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
