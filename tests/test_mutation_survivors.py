@@ -1,6 +1,6 @@
 """Tests written for the semantic survivors of the mutation run (README, "Mutation testing"): the schedules and
 LARS at the values that the other tests do not reach (a final value other than 0, parameter and gradient norms
-below 1, a clipped LARC ratio, a zero matrix, the lr of 0 at the first warmup step), each against the formula
+below 1, a clipped LARC ratio, a zero matrix, a zero gradient, the lr of 0 at the first warmup step), each against the formula
 written out in float64."""
 import math
 
@@ -37,13 +37,15 @@ def reference_lars(w, g, lr, wd, eta, momentum, mu, clip_lr):
 
 @pytest.mark.parametrize("clip_lr", [False, True])
 def test_lars_at_small_norms_clipped_ratios_zero_matrices_and_lr_zero(clip_lr):
+    """LARS (and LARC with clip_lr) over three steps, against reference_lars in float64."""
     torch.manual_seed(0)
-    shapes = [(4, 3)] * 4
+    shapes = [(4, 3)] * 5
     ws = [torch.randn(s, dtype=torch.float64) for s in shapes]
     ws[0] *= 0.01  # ‖w‖ < 1
     ws[1] *= 10.0  # ‖w‖ > 1
     ws[2].zero_()  # a zero matrix: ratio 1 (and for LARC no decay)
-    gs = [torch.randn(s, dtype=torch.float64) * scale for s, scale in zip(shapes, (0.001, 0.01, 0.1, 1e-4))]
+    gs = [torch.randn(s, dtype=torch.float64) * scale for s, scale in zip(shapes, (0.001, 0.01, 0.1, 1e-4, 0.0))]
+    # (the last gradient is zero: for LARC the matrix is left as it is, not decayed)
     params = [torch.nn.Parameter(w.clone()) for w in ws]
     eta, wd, momentum = (0.02, 1e-4, 0.9) if clip_lr else (0.001, 1e-2, 0.9)
     opt = optim.LARS(params, lr=0.0, weight_decay=wd, momentum=momentum, eta=eta, clip_lr=clip_lr)
