@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from common import optim
+from common import data, optim
 
 
 def test_cosine_ends_at_its_final_value():
@@ -64,3 +64,14 @@ def test_lars_at_small_norms_clipped_ratios_zero_matrices_and_lr_zero(clip_lr):
             torch.testing.assert_close(p.detach(), w, rtol=1e-12, atol=1e-15, msg=f"matrix {i} at lr {lr}")
     if clip_lr:
         assert any(clipped) and not all(clipped)  # both sides of the clip are exercised
+
+
+def test_the_sampler_order_follows_the_seed_and_no_rank_repeats_a_sample():
+    """The run's --seed orders the samples (not torch's default seed 0); with N not divisible by W the tail is
+    dropped, not padded with repeats: every step of W ranks sees distinct samples (drop_last, as the loop's
+    global batch of distinct images)."""
+    order = {s: [i for i, _ in data.Sampler(range(40), seed=s, num_replicas=1, rank=0)] for s in (0, 1)}
+    assert order[0] != order[1]
+    ranks = [[i for i, _ in data.Sampler(range(10), seed=3, num_replicas=3, rank=r)] for r in range(3)]
+    everyone = [i for r in ranks for i in r]
+    assert [len(r) for r in ranks] == [3, 3, 3] and len(set(everyone)) == 9
