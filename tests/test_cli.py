@@ -242,8 +242,8 @@ def test_every_line_and_row_numbers_the_epochs_alike(image_folder, tmp_path, cap
         ("1", "1", False), ("2", "1", False), ("3", "1", False), ("3", "1", True), ("4", "2", False),
         ("5", "2", False), ("5", "2", True), "epoch 2, step 5", ("6", "2", False), ("6", "2", True)]
     rows = metrics(out)
-    assert [(r["step"], r["epoch"]) for r in rows] == [(1, 1), (2, 1), (3, 1), (3, 1), (4, 2), (5, 2), (5, 2),
-                                                       (6, 2), (6, 2)]
+    assert [(r["step"], r["epoch"]) for r in rows] == [(0, 0), (1, 1), (2, 1), (3, 1), (3, 1), (4, 2), (5, 2),
+                                                       (5, 2), (6, 2), (6, 2)]  # (step 0: the control's ranks)
     speeds = [float(line.split(" | ")[1].removesuffix(" img/s")) for line in printed if " img/s" in line]
     logged = [r["img_per_s"] for r in rows if "img_per_s" in r]
     assert len(speeds) == len(logged) == 6
