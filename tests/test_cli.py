@@ -81,7 +81,7 @@ def test_simclr_one_process_and_torchrun(image_folder, tmp_path, torchrun_runs):
     assert lars_variant(tmp_path / "one") == {"lr_in_momentum": True, "clip_lr": False, "eta": 0.001}  # official LARS
     two = torchrun_runs.out("simclr")  # torchrun --nproc-per-node=2 simclr.py (the same flags), run beside this test
     check_run(two, 3, world=2, method="simclr")
-    one, two = metrics(tmp_path / "one"), metrics(two)
+    one, two = ([r for r in metrics(out) if "loss" in r] for out in (tmp_path / "one", two))  # (step 0: the control)
     # the same samples and views per step on 1 and 2 processes: the first loss agrees to float32 precision,
     # within 2.8e-7 (relative) measured over 3 seeds and 3 kernel settings (python -m tests.spread torchrun)
     assert abs(one[0]["loss"] - two[0]["loss"]) < TWO_PROCESS_LOSS * abs(one[0]["loss"])
@@ -98,7 +98,7 @@ def test_one_process_and_torchrun_agree(method, image_folder, tmp_path, torchrun
                                                   "eta": 0.02 if clipped else 0.001}
     two = torchrun_runs.out(method)  # torchrun --nproc-per-node=2 <method>.py (the same flags), run beside this test
     check_run(two, 3, world=2, method=method)
-    one, two = metrics(tmp_path / "one"), metrics(two)
+    one, two = ([r for r in metrics(out) if "loss" in r] for out in (tmp_path / "one", two))  # (step 0: the control)
     # the same samples and views per step on 1 and 2 processes: the first loss agrees to float32 precision,
     # within 2.8e-7 (relative) measured over 3 seeds and 3 kernel settings (python -m tests.spread torchrun)
     assert abs(one[0]["loss"] - two[0]["loss"]) < TWO_PROCESS_LOSS * abs(one[0]["loss"])
