@@ -29,7 +29,8 @@ def check_run(out, steps, world=1, method="simsiam"):
     assert train[-1]["lr"] > 0  # (a warmup starts from 0)
     knn = [r for r in rows if "knn_top1" in r]
     assert knn and knn[-1]["step"] == steps and 0.0 <= knn[-1]["knn_top1"] <= 1.0
-    assert set(knn[-1]) == {"step", "epoch", "knn_top1", "time"}  # MoCo's second kNN feature is MoCo's alone
+    assert set(knn[-1]) == {"step", "epoch", "knn_top1", "time", "rank", "rank_z"}  # MoCo's second kNN feature is
+    # MoCo's alone; the effective ranks of the backbone features and of the projector's (or expander's) output
     ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
     assert ckpt["method"] == method and ckpt["step"] == steps and len(ckpt["rng"]) == world
     assert any(k.startswith(("projector.", "expander.")) for k in ckpt["model"])
