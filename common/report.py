@@ -136,10 +136,9 @@ def figures(runs):
         for name, config, rows, _ in runs:
             x, y = series(config, rows, stat)
             if x:
-                ax.plot(x, y, label=f"{name} ({config.get('method')})")
-        what = (f"effective rank (RankMe) of the test set's {'embedding' if stat == 'rank_z' else 'backbone features'}"
-                f", at each kNN evaluation (0: at initialisation)") if stat in RANKS else \
-            f"{stat} (logged by the method beside its loss)"
+                ax.plot(x, y, marker="o" if stat in RANKS else None, label=f"{name} ({config.get('method')})")
+        what = (f"RankMe of the {'embedding' if stat == 'rank_z' else 'backbone features'} (epoch 0: at init)"
+                if stat in RANKS else f"{stat} (logged by the method beside its loss)")
         ax.set(title=what, xlabel="epoch", ylabel=stat)
         ax.grid(alpha=0.3)
         ax.legend(fontsize="small")

@@ -29,8 +29,8 @@ def check_run(out, steps, world=1, method="simsiam"):
     assert train[-1]["lr"] > 0  # (a warmup starts from 0)
     knn = [r for r in rows if "knn_top1" in r]
     assert knn and knn[-1]["step"] == steps and 0.0 <= knn[-1]["knn_top1"] <= 1.0
-    # MoCo's second kNN feature is MoCo's alone; rank and rank_z: the effective ranks logged with each kNN (RankMe)
-    assert set(knn[-1]) == {"step", "epoch", "knn_top1", "time", "rank"} | ({"rank_z"} & set(knn[-1]))
+    assert set(knn[-1]) == {"step", "epoch", "knn_top1", "time", "rank", "rank_z"}  # MoCo's second kNN feature is
+    # MoCo's alone; the effective ranks of the backbone features and of the projector's (or expander's) output
     ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
     assert ckpt["method"] == method and ckpt["step"] == steps and len(ckpt["rng"]) == world
     assert any(k.startswith(("projector.", "expander.")) for k in ckpt["model"])
@@ -82,7 +82,7 @@ def test_simclr_one_process_and_torchrun(image_folder, tmp_path, torchrun_runs):
     assert lars_variant(tmp_path / "one") == {"lr_in_momentum": True, "clip_lr": False, "eta": 0.001}  # official LARS
     two = torchrun_runs.out("simclr")  # torchrun --nproc-per-node=2 simclr.py (the same flags), run beside this test
     check_run(two, 3, world=2, method="simclr")
-    one, two = ([r for r in metrics(d) if "loss" in r] for d in (tmp_path / "one", two))  # the steps' rows
+    one, two = ([r for r in metrics(out) if "loss" in r] for out in (tmp_path / "one", two))  # (step 0: the control)
     # the same samples and views per step on 1 and 2 processes: the first loss agrees to float32 precision,
     # within 2.8e-7 (relative) measured over 3 seeds and 3 kernel settings (python -m tests.spread torchrun)
     assert abs(one[0]["loss"] - two[0]["loss"]) < TWO_PROCESS_LOSS * abs(one[0]["loss"])
@@ -99,7 +99,7 @@ def test_one_process_and_torchrun_agree(method, image_folder, tmp_path, torchrun
                                                   "eta": 0.02 if clipped else 0.001}
     two = torchrun_runs.out(method)  # torchrun --nproc-per-node=2 <method>.py (the same flags), run beside this test
     check_run(two, 3, world=2, method=method)
-    one, two = ([r for r in metrics(d) if "loss" in r] for d in (tmp_path / "one", two))  # the steps' rows
+    one, two = ([r for r in metrics(out) if "loss" in r] for out in (tmp_path / "one", two))  # (step 0: the control)
     # the same samples and views per step on 1 and 2 processes: the first loss agrees to float32 precision,
     # within 2.8e-7 (relative) measured over 3 seeds and 3 kernel settings (python -m tests.spread torchrun)
     assert abs(one[0]["loss"] - two[0]["loss"]) < TWO_PROCESS_LOSS * abs(one[0]["loss"])
@@ -243,8 +243,8 @@ def test_every_line_and_row_numbers_the_epochs_alike(image_folder, tmp_path, cap
         ("1", "1", False), ("2", "1", False), ("3", "1", False), ("3", "1", True), ("4", "2", False),
         ("5", "2", False), ("5", "2", True), "epoch 2, step 5", ("6", "2", False), ("6", "2", True)]
     rows = metrics(out)
-    assert [(r["step"], r["epoch"]) for r in rows] == [(0, 0), (1, 1), (2, 1), (3, 1), (3, 1), (4, 2), (5, 2), (5, 2),
-                                                       (6, 2), (6, 2)]
+    assert [(r["step"], r["epoch"]) for r in rows] == [(0, 0), (1, 1), (2, 1), (3, 1), (3, 1), (4, 2), (5, 2),
+                                                       (5, 2), (6, 2), (6, 2)]  # (step 0: the control's ranks)
     speeds = [float(line.split(" | ")[1].removesuffix(" img/s")) for line in printed if " img/s" in line]
     logged = [r["img_per_s"] for r in rows if "img_per_s" in r]
     assert len(speeds) == len(logged) == 6
