@@ -20,6 +20,19 @@ from conftest import ROOT, SMALL, metrics, run_main, write_image_folder
 KS = 2.47  # two-sided Kolmogorov-Smirnov coefficient at α = 1e-5: sqrt(−ln(α/2)/2)
 
 
+def same_distribution(ours, theirs, name):
+    """Per channel, the views' means and standard deviations agree in distribution: the means within 5
+    standard errors (+ 0.01 for PIL's uint8 rounding), and a two-sample KS statistic under KS·√(2/n)."""
+    n = len(ours)
+    assert ours.shape == theirs.shape
+    for stat in (lambda v: v.mean((2, 3)), lambda v: v.std((2, 3))):
+        a, b = stat(ours), stat(theirs)  # (n, 3)
+        for c in range(3):
+            se = math.sqrt(a[:, c].var() / n + b[:, c].var() / n)
+            assert abs(a[:, c].mean() - b[:, c].mean()) < 5 * se + 0.01, (name, c)  # + PIL's uint8 rounding
+            assert ks(a[:, c], b[:, c]) < KS * math.sqrt(2 / n), (name, c)
+
+
 def ks(a, b):
     """Two-sample Kolmogorov-Smirnov statistic of 1-D tensors a and b."""
     a, b = a.double().sort().values, b.double().sort().values
@@ -303,13 +316,7 @@ def test_pipeline_output_statistics_match_torchvision(name, transform):
     pil = to_pil(x)
     torch.manual_seed(0)
     theirs = torch.stack([transform(pil) for _ in range(n)])
-    assert ours.shape == theirs.shape
-    for stat in (lambda v: v.mean((2, 3)), lambda v: v.std((2, 3))):
-        a, b = stat(ours), stat(theirs)  # (n, 3)
-        for c in range(3):
-            se = math.sqrt(a[:, c].var() / n + b[:, c].var() / n)
-            assert abs(a[:, c].mean() - b[:, c].mean()) < 5 * se + 0.01, (name, c)  # + PIL's uint8 rounding
-            assert ks(a[:, c], b[:, c]) < KS * math.sqrt(2 / n), (name, c)
+    same_distribution(ours, theirs, name)
 
 
 # --- full-size images: the geometry in the loader workers, the rest on the device ------------------------------
@@ -344,13 +351,7 @@ def test_streamed_pipeline_statistics_match_the_cpu_pipeline(name, transform):
     ours = streamed_views(transform, pil, range(n))
     torch.manual_seed(0)
     theirs = torch.stack([transform(pil) for _ in range(n)])
-    assert ours.shape == theirs.shape
-    for stat in (lambda v: v.mean((2, 3)), lambda v: v.std((2, 3))):
-        a, b = stat(ours), stat(theirs)  # (n, 3)
-        for c in range(3):
-            se = math.sqrt(a[:, c].var() / n + b[:, c].var() / n)
-            assert abs(a[:, c].mean() - b[:, c].mean()) < 5 * se + 0.01, (name, c)  # + PIL's uint8 rounding
-            assert ks(a[:, c], b[:, c]) < KS * math.sqrt(2 / n), (name, c)
+    same_distribution(ours, theirs, name)
 
 
 def tf_pipelines():
