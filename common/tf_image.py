@@ -12,7 +12,7 @@ Every function takes a batch x (n, 3, H, W) of floats, pixels in [0, 1], and per
 global generator). `Batched` runs such a function on the CPU loader's single image; --gpu-augment
 (common/gpu_augment.py) calls the same function on the whole batch: both paths run one implementation.
 Where the one image allows a cheaper form of the same arithmetic (a permutation applied directly, the crop
-sampler's attempts in Python scalars, a resize's matrices reused), it takes it; tests/test_tf_augment.py checks
+sampler's attempts in Python scalars, the resize's four-tap sums without a matrix), it takes it; tests/test_tf_augment.py checks
 both forms against TF's kernels or against each other.
 """
 import functools
@@ -308,27 +308,44 @@ def _matrix(index, weight, size):
     return torch.zeros(n, out, size, dtype=weight.dtype, device=weight.device).scatter_add_(2, index, weight)
 
 
-@functools.lru_cache(maxsize=256)
-def _axis_matrix(length, out, half_pixel_centers):
-    """The (out, length) matrix of one axis of a window of `length` pixels: the batched form's, for one image
-    (kept: a 32-px image has at most 32 window lengths per axis)."""
-    zero, size = torch.zeros(1, dtype=torch.int64), torch.tensor([length])
-    return _matrix(*_bicubic_taps(zero, size, out, half_pixel_centers), length)[0]
+@functools.lru_cache(maxsize=1024)
+def _axis_taps(length, out, half_pixel_centers):
+    """The taps of one axis of a window of `length` pixels, for one image, tap by tap: indices (4, out) and weights
+    (4, out, 1, 1), the batched form's (kept: a window length recurs; at 224 px ~10 kB each)."""
+    index, weight = _bicubic_taps(torch.zeros(1, dtype=torch.int64), torch.tensor([length]), out, half_pixel_centers)
+    return index[0].T.contiguous(), weight[0].T.reshape(4, out, 1, 1).contiguous()
+
+
+def _interpolate(x, index, weight):
+    """TF's Interpolate1D along x's first dimension (x: (length, m, 3)): output pixel o is
+    w0·x[i0] + w1·x[i1] + w2·x[i2] + w3·x[i3], summed left to right as the kernel's Compute(), for all the
+    (m, 3) values at once: the four taps gathered (index_select), then weighted and added in that order."""
+    taps = x.index_select(0, index.flatten()).view(4, -1, *x.shape[1:])  # (4, out, m, 3)
+    y = taps[0] * weight[0]
+    for k in (1, 2, 3):
+        y.addcmul_(taps[k], weight[k])
+    return y
 
 
 def resize_bicubic(x, top, left, h, w, size, half_pixel_centers):
     """The crop (top, left, h, w) of each image, resized to `size` (out_h, out_w) by TF's ResizeBicubic kernel
     (resize_bicubic_op.cc), no antialiasing, values not clipped: half_pixel_centers=False is TF1's
     tf.image.resize_bicubic (SimCLR v1), True is TF2's tf.image.resize(..., BICUBIC) (BYOL). The kernel
-    interpolates the rows, then the columns, each output pixel from four taps; here each axis's taps are a
-    matrix (rows R, columns C) and the resize is R · x · Cᵀ per image and channel."""
-    if _single(x):  # the CPU loader's one image: interpolate within the window only, its matrices reused
-        x = x[..., int(top):int(top + h), int(left):int(left + w)]
-        rows, cols = (_axis_matrix(int(length), out, half_pixel_centers).to(x.dtype).unsqueeze(0)
-                      for length, out in ((h, size[0]), (w, size[1])))
-    else:
-        rows = _matrix(*_bicubic_taps(top, h, size[0], half_pixel_centers), x.shape[-2]).to(x.dtype)  # (n, out_h, H)
-        cols = _matrix(*_bicubic_taps(left, w, size[1], half_pixel_centers), x.shape[-1]).to(x.dtype)  # (n, out_w, W)
+    interpolates the rows, then the columns, each output pixel from four taps. A batch: each axis's taps are a
+    matrix (rows R, columns C) and the resize is R · x · Cᵀ per image and channel. The CPU loader's one image:
+    the four-tap sums themselves (_interpolate), which skip the matrices' zeros (at 224 px from a 500 × 375
+    image, 4 of ~300 entries per row)."""
+    if _single(x):
+        # the CPU loader's one image, as the kernel loops over it: within the window only, in the decoded image's
+        # (H, W, 3) layout (ToImage's tensor is a view of it), rows first (four input rows per output row, at every
+        # input column), then columns; each pixel is the kernel's four-tap sum in its order (no matrix of zeros)
+        window = x[0, :, int(top):int(top + h), int(left):int(left + w)].permute(1, 2, 0)  # (h, w, 3)
+        rows = _interpolate(window, *_axis_taps(int(h), size[0], half_pixel_centers))  # (out_h, w, 3)
+        rows = rows.transpose(0, 1).contiguous()  # (w, out_h, 3): the columns' taps, gathered whole
+        y = _interpolate(rows, *_axis_taps(int(w), size[1], half_pixel_centers))  # (out_w, out_h, 3)
+        return y.permute(2, 1, 0).contiguous().unsqueeze(0)  # (1, 3, out_h, out_w), each channel's plane contiguous
+    rows = _matrix(*_bicubic_taps(top, h, size[0], half_pixel_centers), x.shape[-2]).to(x.dtype)  # (n, out_h, H)
+    cols = _matrix(*_bicubic_taps(left, w, size[1], half_pixel_centers), x.shape[-1]).to(x.dtype)  # (n, out_w, W)
     # the rows of all three channels in one product: x as (n, H, W·3), the layout a decoded image already has
     n, c, height, width = x.shape
     y = (rows @ x.permute(0, 2, 3, 1).reshape(n, height, width * c)).view(n, -1, width, c)  # (n, out_h, W, 3)
