@@ -20,6 +20,7 @@ import math
 import struct
 
 import torch
+import torch.nn.functional as F
 
 
 def uniform(g, x, low, high):
@@ -126,22 +127,34 @@ def rgb_to_grayscale(x):
 def gaussian_blur(x, sigma, kernel_size):
     """SimCLR's data_util.py gaussian_blur and BYOL's augmentations.py: the kernel exp(−t²/2σ²) at the
     integers |t| ≤ r, r = int(kernel_size / 2), normalised; two depthwise convolutions (along the width,
-    then the height) with 'SAME' padding, which pads with zeros. sigma: (n,). Each 1-D convolution with zero
-    padding is a product with a banded (Toeplitz) matrix K, K[i, j] = k[j − i + r] for |j − i| ≤ r and 0
-    elsewhere (the taps that would read the padding are the zeros outside the band; k is symmetric, so the
-    convolution's k[i − j + r] is k[j − i + r]): x·K along the width, then Kᵀ·x along the height."""
-    n, c, height, width = x.shape
-    r = int(kernel_size / 2)
+    then the height) with 'SAME' padding, which pads with zeros. sigma: (n,).
+
+    A 1-D convolution with zero padding is the product of each line with a banded (Toeplitz) matrix,
+    K[i, j] = k[i − j] for 0 ≤ i − j ≤ 2r and 0 elsewhere (k is symmetric: the convolution's flip changes
+    nothing). Cut into blocks of B outputs, a block reads only its B + 2r inputs of the zero-padded line, and
+    every block has the same (B + 2r, B) piece of the band: one product of all the blocks' windows with it
+    (_convolve_lines), the same sums as the full line × K without its zeros."""
+    r, block = int(kernel_size / 2), _BLOCK
     t = torch.arange(-r, r + 1, device=x.device, dtype=x.dtype)
     kernel = torch.exp(-t ** 2 / (2.0 * sigma.view(-1, 1).to(x.dtype) ** 2))  # (n, 2r + 1)
     kernel = kernel / kernel.sum(dim=1, keepdim=True)
+    d = torch.arange(block + 2 * r, device=x.device).view(-1, 1) - torch.arange(block, device=x.device)  # i − j
+    band = torch.where((d >= 0) & (d <= 2 * r), kernel[:, d.clamp(0, 2 * r)], 0.0)  # (n, B + 2r, B)
+    x = _convolve_lines(x, band)  # along the width
+    return _convolve_lines(x.transpose(-1, -2), band).transpose(-1, -2)  # along the height
 
-    def band(size):  # (n, 1, size, size): K[i, j] = k[j − i + r], zero off the band
-        i = torch.arange(size, device=x.device)
-        d = i.view(1, -1) - i.view(-1, 1) + r
-        return torch.where((d >= 0) & (d <= 2 * r), kernel[:, d.clamp(0, 2 * r)], 0.0).unsqueeze(1)
-    x = x @ band(width)  # along the width: y[..., j] = Σ_i x[..., i] k[j − i + r]
-    return band(height).transpose(-1, -2) @ x  # along the height
+
+_BLOCK = 16  # B: outputs per block of the banded product (16 is the fastest on a CPU core at 224 px)
+
+
+def _convolve_lines(x, band):
+    """Each line x[i, c, h, :] (x: (n, c, H, W)) times its sample's band (n, B + 2r, B), blocks of B outputs."""
+    n, c, height, width = x.shape
+    inputs, block = band.shape[1:]
+    blocks = -(-width // block)
+    padded = F.pad(x, ((inputs - block) // 2, (inputs - block) // 2 + blocks * block - width))  # 'SAME': zeros
+    windows = padded.unfold(-1, inputs, block).reshape(n, c * height * blocks, inputs)  # each block's inputs
+    return torch.bmm(windows, band).view(n, c, height, blocks * block)[..., :width]
 
 
 # --- crops ------------------------------------------------------------------------------------------------
