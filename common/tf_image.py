@@ -82,16 +82,22 @@ def adjust_contrast(x, factor):
     return (x - mean) * _per_sample(factor) + mean
 
 
+def _or_one(t):
+    """t (≥ 0) where it is positive, 1 where it is 0: t + (1 − sign t), exact. (The same as torch.where(t > 0, t, 1),
+    in float arithmetic: on a CPU the comparison and torch.where's boolean mask cost several times an add.)"""
+    return t + (1.0 - t.sign())
+
+
 def adjust_saturation(x, factor):
     """tf.image.adjust_saturation: S ← clip(S·f, 0, 1) in HSV, H and V kept (the kernel converts each pixel to
     HSV, scales S, converts back: adjust_saturation_op.cc). Written without the round trip: with V = max and H
     held, every channel is V − S·V·g(H) for a g of the hue alone, so V − x scales with S, and
     x' = V − (V − x)·S'/S, where S'/S = min(f, V/(V − min)) (S·f reaches 1 exactly when f = V/(V − min)). The
     kernel's S is 0 where V ≤ 0 (x' = V, grey), and S' is clipped at 0 (f < 0): the ratio clamped at 0 covers
-    both; where V = min the pixel is grey and V − x = 0 (fmin ignores the 0/0)."""
+    both; where V = min the pixel is grey and V − x = 0, whatever the (finite) ratio: V/1 there."""
     v = x.amax(dim=-3, keepdim=True)
-    ratio = torch.fmin(factor.view(-1, 1, 1, 1).to(x.dtype), v / (v - x.amin(dim=-3, keepdim=True))).clamp(min=0)
-    return v - (v - x) * ratio
+    ratio = torch.minimum(factor.view(-1, 1, 1, 1).to(x.dtype), v / _or_one(v - x.amin(dim=-3, keepdim=True)))
+    return v - (v - x).mul_(ratio.clamp_(min=0))
 
 
 # (R, G, B) read the hue circle at these sextant offsets: x = V − (V − min)·clamp(min(k, 4 − k), 0, 1) with
@@ -107,13 +113,17 @@ def adjust_hue(x, delta):
     r, g, b = x.unbind(dim=-3)
     high, low = x.amax(dim=-3), x.amin(dim=-3)
     chroma = high - low
-    inverse = 1.0 / torch.where(chroma > 0, chroma, 1.0)
-    sextant = torch.where(r == high, (g - b) * inverse, torch.where(g == high, (b - r) * inverse + 2.0,
-                                                                       (r - g) * inverse + 4.0))
+    inverse = 1.0 / _or_one(chroma)
+    # the hue from the channel that holds the max, the first of r, g, b (as the kernel): selected by 0/1 floats,
+    # the signs of max − x (exact products; torch.where's comparisons and boolean masks are slower on a CPU)
+    below_r, below_g, _ = (high.unsqueeze(-3) - x).sign_().unbind(dim=-3)  # 0 where the channel is the max, else 1
+    r_max, g_max, b_max = 1.0 - below_r, below_r * (1.0 - below_g), below_r * below_g
+    sextant = r_max * ((g - b) * inverse) + g_max * ((b - r) * inverse + 2.0) + b_max * ((r - g) * inverse + 4.0)
     sextant = (sextant + delta.view(-1, 1, 1).to(x.dtype) * 6.0).unsqueeze(-3)  # (n, 1, H, W); grey: any hue
     offsets = torch.tensor(_HUE_OFFSETS, dtype=x.dtype, device=x.device).view(3, 1, 1)
-    k = (sextant + offsets).remainder(6.0)  # (n, 3, H, W)
-    return high.unsqueeze(-3) - chroma.unsqueeze(-3) * torch.minimum(k, 4.0 - k).clamp(0, 1)
+    k = sextant + offsets  # (n, 3, H, W)
+    k -= torch.floor(k / 6.0).mul_(6.0)  # k mod 6: the same value as k.remainder(6.0), in fast operations (k/6 < m for k < 6m)
+    return high.unsqueeze(-3) - chroma.unsqueeze(-3) * torch.minimum(k, 4.0 - k).clamp_(0, 1)
 
 
 def rgb_to_grayscale(x):
