@@ -333,21 +333,19 @@ def _matrix(index, weight, size):
 
 @functools.lru_cache(maxsize=1024)
 def _axis_taps(length, out, half_pixel_centers):
-    """The taps of one axis of a window of `length` pixels, for one image, tap by tap: indices (4, out) and weights
-    (4, out, 1, 1), the batched form's (kept: a window length recurs; at 224 px ~10 kB each)."""
+    """The taps of one axis of a window of `length` pixels, for one image: indices (4·out,), tap after tap, and the
+    four taps' weights, each (out, 1, 1); the batched form's (kept: a window length recurs; at 224 px ~10 kB each)."""
     index, weight = _bicubic_taps(torch.zeros(1, dtype=torch.int64), torch.tensor([length]), out, half_pixel_centers)
-    return index[0].T.contiguous(), weight[0].T.reshape(4, out, 1, 1).contiguous()
+    return index[0].T.flatten(), tuple(w.view(out, 1, 1) for w in weight[0].T.contiguous())
 
 
 def _interpolate(x, index, weight):
     """TF's Interpolate1D along x's first dimension (x: (length, m, 3)): output pixel o is
     w0·x[i0] + w1·x[i1] + w2·x[i2] + w3·x[i3], summed left to right as the kernel's Compute(), for all the
     (m, 3) values at once: the four taps gathered (index_select), then weighted and added in that order."""
-    taps = x.index_select(0, index.flatten()).view(4, -1, *x.shape[1:])  # (4, out, m, 3)
-    y = taps[0] * weight[0]
-    for k in (1, 2, 3):
-        y.addcmul_(taps[k], weight[k])
-    return y
+    t0, t1, t2, t3 = x.index_select(0, index).view(4, -1, *x.shape[1:]).unbind(0)  # each (out, m, 3)
+    w0, w1, w2, w3 = weight
+    return (t0 * w0).addcmul_(t1, w1).addcmul_(t2, w2).addcmul_(t3, w3)
 
 
 def resize_bicubic(x, top, left, h, w, size, half_pixel_centers):
