@@ -290,17 +290,24 @@ def random_crop_clamped(g, n, height, width, area_range=(0.08, 1.0), ratio_range
     top = (u[:, 3] * (height - h + 1)).floor().to(i64).clamp(max=height - h)
     return top, left, h, w
 
-def _coefficients(a, offset, table_size=1024):
-    """TF's bicubic coefficient table (resize_bicubic_op.cc InitCoeffsTable), read at `offset`: the weights of
-    the four taps at in_loc − 1, in_loc, in_loc + 1, in_loc + 2, in double and stored as float as TF does."""
-    def near(t):  # |t| ≤ 1
-        return ((a + 2) * t - (a + 3)) * t * t + 1
+@functools.lru_cache(maxsize=8)
+def _coefficient_table(a, device, table_size=1024):
+    """TF's bicubic coefficient table (resize_bicubic_op.cc InitCoeffsTable): for i = 0 .. table_size, the weight of
+    a tap at distance i / table_size (near, |t| ≤ 1) and at 1 + i / table_size (far, 1 ≤ |t| ≤ 2), computed in double
+    and stored as float as TF does: (table_size + 1, 2)."""
+    t = torch.arange(table_size + 1, dtype=torch.float64, device=device) / table_size
+    near = ((a + 2) * t - (a + 3)) * t * t + 1
+    far = ((a * (t + 1) - 5 * a) * (t + 1) + 8 * a) * (t + 1) - 4 * a
+    return torch.stack([near, far], dim=-1).to(torch.float32)
 
-    def far(t):  # 1 ≤ |t| ≤ 2
-        return ((a * t - 5 * a) * t + 8 * a) * t - 4 * a
-    t = offset.double() / table_size
-    s = (table_size - offset).double() / table_size
-    return [w.to(torch.float32) for w in (far(t + 1), near(t), near(s), far(s + 1))]
+
+def _coefficients(a, offset, table_size=1024):
+    """The table read at `offset`, as the kernel does: the weights of the four taps at in_loc − 1, in_loc,
+    in_loc + 1, in_loc + 2 (far and near at offset, near and far at table_size − offset)."""
+    table = _coefficient_table(a, offset.device, table_size)
+    near, far = table[offset].unbind(-1)
+    near_back, far_back = table[table_size - offset].unbind(-1)
+    return [far, near, near_back, far_back]
 
 
 def _bicubic_taps(start, length, out, half_pixel_centers):
