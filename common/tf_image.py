@@ -111,19 +111,25 @@ def adjust_hue(x, delta):
     H·6 ∈ [0, 6) computed once for the three channels and each channel read off the hexcone at its offset
     (the same map: max, min and the hue's position within its sextant decide every channel)."""
     r, g, b = x.unbind(dim=-3)
-    high, low = x.amax(dim=-3), x.amin(dim=-3)
+    high, low = x.amax(dim=-3, keepdim=True), x.amin(dim=-3, keepdim=True)  # (n, 1, H, W)
     chroma = high - low
-    inverse = 1.0 / _or_one(chroma)
     # the hue from the channel that holds the max, the first of r, g, b (as the kernel): selected by 0/1 floats,
-    # the signs of max − x (exact products; torch.where's comparisons and boolean masks are slower on a CPU)
-    below_r, below_g, _ = (high.unsqueeze(-3) - x).sign_().unbind(dim=-3)  # 0 where the channel is the max, else 1
-    r_max, g_max, b_max = 1.0 - below_r, below_r * (1.0 - below_g), below_r * below_g
-    sextant = r_max * ((g - b) * inverse) + g_max * ((b - r) * inverse + 2.0) + b_max * ((r - g) * inverse + 4.0)
+    # the signs of max − x (exact products; torch.where's comparisons and boolean masks are slower on a CPU).
+    # With one of r_max, g_max, b_max 1 and the others 0, the sum below is that channel's numerator exactly and
+    # 2·g_max + 4·b_max its sextant's start: (g − b)/C, (b − r)/C + 2 or (r − g)/C + 4, as the kernel.
+    below_r, below_g, _ = (high - x).sign_().unbind(dim=-3)  # 0 where the channel is the max, else 1
+    g_max, b_max = below_r - below_r * below_g, below_r * below_g
+    numerator = (1.0 - below_r) * (g - b) + g_max * (b - r) + b_max * (r - g)
+    sextant = numerator.mul_(1.0 / _or_one(chroma[:, 0])).add_(g_max.mul_(2.0).add_(b_max, alpha=4.0))
     sextant = (sextant + delta.view(-1, 1, 1).to(x.dtype) * 6.0).unsqueeze(-3)  # (n, 1, H, W); grey: any hue
-    offsets = torch.tensor(_HUE_OFFSETS, dtype=x.dtype, device=x.device).view(3, 1, 1)
-    k = sextant + offsets  # (n, 3, H, W)
+    k = sextant + _hue_offsets(x.dtype, x.device)  # (n, 3, H, W)
     k -= torch.floor(k / 6.0).mul_(6.0)  # k mod 6: the same value as k.remainder(6.0), in fast operations (k/6 < m for k < 6m)
-    return high.unsqueeze(-3) - chroma.unsqueeze(-3) * torch.minimum(k, 4.0 - k).clamp_(0, 1)
+    return high - chroma * torch.minimum(k, 4.0 - k).clamp_(0, 1)
+
+
+@functools.lru_cache(maxsize=8)
+def _hue_offsets(dtype, device):
+    return torch.tensor(_HUE_OFFSETS, dtype=dtype, device=device).view(3, 1, 1)
 
 
 def rgb_to_grayscale(x):
