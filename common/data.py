@@ -32,7 +32,19 @@ class DataError(Exception):
 def normalize(dataset):
     """The per-channel normalisation that ends every pipeline."""
     mean, std = MEAN_STD.get(dataset, IMAGENET_MEAN_STD)
-    return v2.Compose([v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)])
+    return _Normalize([v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)])
+
+
+class _Normalize(v2.Compose):
+    """ToImage, ToDtype(float32, scale=True), Normalize. A plain float32 tensor (the output of a batched step,
+    tf_image.Batched: pixels in [0, 1] already) goes to Normalize's kernel at once: ToImage and ToDtype would leave
+    its values as they are, and on one small image torchvision's per-transform overhead costs more than the work."""
+
+    def forward(self, *inputs):
+        if len(inputs) == 1 and type(inputs[0]) is torch.Tensor and inputs[0].dtype == torch.float32:
+            last = self.transforms[-1]
+            return v2.functional.normalize(inputs[0], last.mean, last.std)
+        return super().forward(*inputs)
 
 
 class PILGaussianBlur(v2.Transform):
