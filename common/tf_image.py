@@ -192,7 +192,7 @@ def sample_distorted_bounding_box(g, n, height, width, area_range=(0.08, 1.0), a
     u = torch.rand(n, max_attempts, 4, generator=g, device=device, dtype=torch.float64)  # per attempt: a, h, top, left
     box = (height, width, area_range, aspect_ratio_range, min_object_covered)
     if n == 1 and u.device.type == "cpu":  # the CPU loader's one image: attempt after attempt, as the kernel loops
-        return tuple(torch.tensor([v]) for v in _bounding_box_one(u[0], *box))
+        return torch.tensor(_bounding_box_one(u[0], *box)).view(4, 1).unbind(0)
     return _bounding_box(u, *box)
 
 
@@ -373,10 +373,11 @@ def resize_bicubic(x, top, left, h, w, size, half_pixel_centers):
         # the CPU loader's one image, as the kernel loops over it: within the window only, in the decoded image's
         # (H, W, 3) layout (ToImage's tensor is a view of it), rows first (four input rows per output row, at every
         # input column), then columns; each pixel is the kernel's four-tap sum in its order (no matrix of zeros)
-        window = x[0, :, int(top):int(top + h), int(left):int(left + w)].permute(1, 2, 0)  # (h, w, 3)
-        rows = _interpolate(window, *_axis_taps(int(h), size[0], half_pixel_centers))  # (out_h, w, 3)
+        top, left, h, w = int(top), int(left), int(h), int(w)
+        window = x[0, :, top:top + h, left:left + w].permute(1, 2, 0)  # (h, w, 3)
+        rows = _interpolate(window, *_axis_taps(h, size[0], half_pixel_centers))  # (out_h, w, 3)
         rows = rows.transpose(0, 1).contiguous()  # (w, out_h, 3): the columns' taps, gathered whole
-        y = _interpolate(rows, *_axis_taps(int(w), size[1], half_pixel_centers))  # (out_w, out_h, 3)
+        y = _interpolate(rows, *_axis_taps(w, size[1], half_pixel_centers))  # (out_w, out_h, 3)
         return y.permute(2, 1, 0).contiguous().unsqueeze(0)  # (1, 3, out_h, out_w), each channel's plane contiguous
     rows = _matrix(*_bicubic_taps(top, h, size[0], half_pixel_centers), x.shape[-2]).to(x.dtype)  # (n, out_h, H)
     cols = _matrix(*_bicubic_taps(left, w, size[1], half_pixel_centers), x.shape[-1]).to(x.dtype)  # (n, out_w, W)
