@@ -194,3 +194,15 @@ def test_the_recipes_blur_with_pils_filter_as_their_official_code(name):
                    and isinstance(t.transforms[0], data.PILGaussianBlur)]
         assert len(applied) == 1 and applied[0].p == p and applied[0].transforms[0].sigma == (0.1, 2.0), name
         assert not any(isinstance(t, v2.GaussianBlur) for t in view.modules())
+
+
+def test_normalize_takes_a_float_tensor_straight_to_its_kernel():
+    """data.normalize on a batched step's float output: the values of the whole ToImage, ToDtype, Normalize."""
+    from PIL import Image
+    from torchvision.transforms import v2
+    t = data.normalize("cifar10")
+    whole = v2.Compose(list(t.transforms))
+    x = torch.rand(3, 8, 9, generator=torch.Generator().manual_seed(0)) * 1.2 - 0.1
+    assert torch.equal(t(x), whole(x))
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (8, 9, 3), dtype=np.uint8))
+    assert torch.equal(t(image), whole(image))

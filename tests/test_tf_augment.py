@@ -326,6 +326,28 @@ def test_blur_equals_the_official_blur_with_zero_padding():
 
 
 
+def test_blur_equals_the_official_blur_across_blocks():
+    """Lines longer than one block of the banded product (and not a whole number of blocks), the 224-px kernel."""
+    x = images(n=2, height=37, width=50, seed=7)
+    sigma = torch.tensor([0.4, 2.0])
+    for kernel_size in (22.4, 7):
+        ours = tf_image.gaussian_blur(x, sigma, kernel_size)
+        for i in range(2):
+            expected = np.stack([tf_blur(x[i, c].numpy(), float(sigma[i]), kernel_size) for c in range(3)])
+            torch.testing.assert_close(ours[i], torch.from_numpy(expected).float(), rtol=0, atol=1e-6)
+        one = tf_image.gaussian_blur(x[1:], sigma[1:], kernel_size)  # the one image alone: the same values
+        torch.testing.assert_close(one[0], ours[1], rtol=0, atol=0)
+
+
+def test_resize_of_a_full_size_window_equals_tf_kernel():
+    """The one image's four-tap sums at the sizes of the ImageNet recipes: a 224-px view from a large window."""
+    x = torch.rand(1, 3, 120, 150, generator=torch.Generator().manual_seed(8))
+    for half_pixel_centers in (False, True):
+        top, left, h, w = 7, 11, 101, 133
+        ours = tf_image.resize_bicubic(x, *(torch.tensor([v]) for v in (top, left, h, w)), (64, 72), half_pixel_centers)
+        expected = tf_resize_bicubic(hwc(x[0])[top:top + h, left:left + w], 64, 72, half_pixel_centers)
+        torch.testing.assert_close(ours[0], chw(expected), rtol=0, atol=2e-6)
+
 def test_colour_operations_equal_tf_kernels_outside_the_unit_range():
     """SimCLR's crop leaves the bicubic overshoot unclipped, so the first jitter op can see values below 0 and
     above 1: saturation and hue (written without TF's HSV round trip) still equal the kernels there, including
