@@ -283,8 +283,16 @@ def random_crop_clamped(g, n, height, width, area_range=(0.08, 1.0), ratio_range
     width: (top, left, h, w), each (n,) int64. One draw, no retry: an area A uniform in area_range × H·W and an
     aspect ratio a log-uniform in ratio_range; w = round(√(A·a)) and h = round(√(A/a)), each clamped to the
     image's side; the corner uniform over the positions where the crop fits."""
+    u = torch.rand(n, 4, generator=g, device=device, dtype=torch.float64)  # per image: area, ratio, left, top
+    box = (height, width, area_range, ratio_range)
+    if n == 1 and u.device.type == "cpu":  # the CPU loader's one image: in Python scalars
+        return torch.tensor(_crop_clamped_one(u[0].tolist(), *box)).view(4, 1).unbind(0)
+    return _crop_clamped(u, *box)
+
+
+def _crop_clamped(u, height, width, area_range, ratio_range):
+    """random_crop_clamped from the draws u (n, 4)."""
     f32, i64 = torch.float32, torch.int64
-    u = torch.rand(n, 4, generator=g, device=device, dtype=torch.float64)
     area = (u[:, 0].to(f32) * (area_range[1] - area_range[0]) + area_range[0]) * float(height * width)
     log_lo, log_hi = math.log(ratio_range[0]), math.log(ratio_range[1])
     a = torch.exp(u[:, 1].to(f32) * (log_hi - log_lo) + log_lo)
@@ -295,6 +303,22 @@ def random_crop_clamped(g, n, height, width, area_range=(0.08, 1.0), ratio_range
     left = (u[:, 2] * (width - w + 1)).floor().to(i64).clamp(max=width - w)  # uniform int in [0, W − w]
     top = (u[:, 3] * (height - h + 1)).floor().to(i64).clamp(max=height - h)
     return top, left, h, w
+
+
+def _crop_clamped_one(u, height, width, area_range, ratio_range):
+    """_crop_clamped for one image from its four draws u, in Python scalars: the same arithmetic step for step,
+    each float32 operation rounded with _f32 (a torch scalar operand is rounded to float32 first, as torch does),
+    the exponential torch's own on one float32 (tests/test_tf_augment.py checks it against the batched form)."""
+    u_area, u_ratio, u_left, u_top = u
+    area = _f32(_f32(_f32(_f32(u_area) * _f32(area_range[1] - area_range[0])) + _f32(area_range[0])) * height * width)
+    log_lo, log_hi = math.log(ratio_range[0]), math.log(ratio_range[1])
+    a = torch.exp(torch.tensor(_f32(_f32(_f32(u_ratio) * _f32(log_hi - log_lo)) + _f32(log_lo)))).item()
+    w = min(max(round(_f32(math.sqrt(_f32(area * a)))), 1), width)  # round(): halves to even, as tf.round
+    h = min(max(round(_f32(math.sqrt(_f32(area / a)))), 1), height)
+    left = min(math.floor(u_left * (width - w + 1)), width - w)
+    top = min(math.floor(u_top * (height - h + 1)), height - h)
+    return top, left, h, w
+
 
 @functools.lru_cache(maxsize=8)
 def _coefficient_table(a, device, table_size=1024):

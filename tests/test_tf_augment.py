@@ -433,6 +433,20 @@ def test_byol_crop_sampler_follows_official_code(height, width):
         assert abs(np.mean(ours["area"]) - 0.52) < 0.02 and (h == height).float().mean() > 0.2
 
 
+def test_one_image_byol_crop_equals_the_batched_sampler():
+    """The CPU loader's one image takes the Python-scalar form of BYOL's crop: the same box as the batched form
+    computes for that image's draws."""
+    u = torch.rand(3000, 4, generator=torch.Generator().manual_seed(12), dtype=torch.float64)
+    for height, width, area_range in [(375, 500, (0.08, 1.0)), (32, 32, (0.08, 1.0)), (4, 64, (0.08, 1.0)),
+                                      (17, 9, (0.2, 0.6)), (500, 333, (0.01, 1.0))]:
+        box = (height, width, area_range, (3 / 4, 4 / 3))
+        one = torch.tensor([tf_image._crop_clamped_one(u[i].tolist(), *box) for i in range(len(u))])
+        batched = torch.stack([torch.cat(tf_image._crop_clamped(u[i:i + 1], *box)) for i in range(len(u))])
+        assert torch.equal(one, batched), (height, width, (one != batched).any(dim=1).sum())
+    single = tf_image.random_crop_clamped(torch.Generator().manual_seed(5), 1, 375, 500)
+    u = torch.rand(1, 4, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    assert torch.equal(torch.cat(single), torch.cat(tf_image._crop_clamped(u, 375, 500, (0.08, 1.0), (3 / 4, 4 / 3))))
+
 # --- the method files' pipelines against the official pipelines, in distribution --------------------------
 
 def picture(height=32, width=32):
