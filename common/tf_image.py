@@ -12,8 +12,8 @@ Every function takes a batch x (n, 3, H, W) of floats, pixels in [0, 1], and per
 global generator). `Batched` runs such a function on the CPU loader's single image; --gpu-augment
 (common/gpu_augment.py) calls the same function on the whole batch: both paths run one implementation.
 Where the one image allows a cheaper form of the same arithmetic (a permutation applied directly, the crop
-sampler's attempts in Python scalars, the resize's four-tap sums without a matrix), it takes it; tests/test_tf_augment.py checks
-both forms against TF's kernels or against each other.
+samplers in Python scalars, the resize's four-tap sums without a matrix), it takes it; tests/test_tf_augment.py
+checks both forms against TF's kernels or against each other.
 """
 import functools
 import math
@@ -83,8 +83,9 @@ def adjust_contrast(x, factor):
 
 
 def _or_one(t):
-    """t (≥ 0) where it is positive, 1 where it is 0: t + (1 − sign t), exact. (The same as torch.where(t > 0, t, 1),
-    in float arithmetic: on a CPU the comparison and torch.where's boolean mask cost several times an add.)"""
+    """t (≥ 0) where it is positive, 1 where it is 0: t + (1 − sign t), exact. (The same as
+    torch.where(t > 0, t, 1) in float arithmetic: on a CPU a comparison and torch.where's boolean mask cost
+    several times an add.)"""
     return t + (1.0 - t.sign())
 
 
@@ -123,7 +124,10 @@ def adjust_hue(x, delta):
     sextant = numerator.mul_(1.0 / _or_one(chroma[:, 0])).add_(g_max.mul_(2.0).add_(b_max, alpha=4.0))
     sextant = (sextant + delta.view(-1, 1, 1).to(x.dtype) * 6.0).unsqueeze(-3)  # (n, 1, H, W); grey: any hue
     k = sextant + _hue_offsets(x.dtype, x.device)  # (n, 3, H, W)
-    k -= torch.floor(k / 6.0).mul_(6.0)  # k mod 6: the same value as k.remainder(6.0), in fast operations (k/6 < m for k < 6m)
+    # k mod 6: the same value as k.remainder(6.0) in faster operations (k / 6 rounds below m for every k < 6m,
+    # so the floor is exact; k − 6m is then exact for m ≥ 0, and for m < 0 one rounding of the exact k − 6m,
+    # as remainder's)
+    k -= torch.floor(k / 6.0).mul_(6.0)
     return high - chroma * torch.minimum(k, 4.0 - k).clamp_(0, 1)
 
 
@@ -310,7 +314,8 @@ def _crop_clamped_one(u, height, width, area_range, ratio_range):
     each float32 operation rounded with _f32 (a torch scalar operand is rounded to float32 first, as torch does),
     the exponential torch's own on one float32 (tests/test_tf_augment.py checks it against the batched form)."""
     u_area, u_ratio, u_left, u_top = u
-    area = _f32(_f32(_f32(_f32(u_area) * _f32(area_range[1] - area_range[0])) + _f32(area_range[0])) * height * width)
+    area = _f32(_f32(_f32(u_area) * _f32(area_range[1] - area_range[0])) + _f32(area_range[0]))
+    area = _f32(area * _f32(float(height * width)))
     log_lo, log_hi = math.log(ratio_range[0]), math.log(ratio_range[1])
     a = torch.exp(torch.tensor(_f32(_f32(_f32(u_ratio) * _f32(log_hi - log_lo)) + _f32(log_lo)))).item()
     w = min(max(round(_f32(math.sqrt(_f32(area * a)))), 1), width)  # round(): halves to even, as tf.round
@@ -322,9 +327,9 @@ def _crop_clamped_one(u, height, width, area_range, ratio_range):
 
 @functools.lru_cache(maxsize=8)
 def _coefficient_table(a, device, table_size=1024):
-    """TF's bicubic coefficient table (resize_bicubic_op.cc InitCoeffsTable): for i = 0 .. table_size, the weight of
-    a tap at distance i / table_size (near, |t| ≤ 1) and at 1 + i / table_size (far, 1 ≤ |t| ≤ 2), computed in double
-    and stored as float as TF does: (table_size + 1, 2)."""
+    """TF's bicubic coefficient table (resize_bicubic_op.cc InitCoeffsTable): for i = 0 .. table_size, the weight
+    of a tap at distance i / table_size (near, |t| ≤ 1) and at 1 + i / table_size (far, 1 ≤ |t| ≤ 2), computed in
+    double and stored as float as TF does: (table_size + 1, 2)."""
     t = torch.arange(table_size + 1, dtype=torch.float64, device=device) / table_size
     near = ((a + 2) * t - (a + 3)) * t * t + 1
     far = ((a * (t + 1) - 5 * a) * (t + 1) + 8 * a) * (t + 1) - 4 * a
