@@ -36,15 +36,18 @@ def normalize(dataset):
 
 
 class _Normalize(v2.Compose):
-    """ToImage, ToDtype(float32, scale=True), Normalize. A plain float32 tensor (the output of a batched step,
-    tf_image.Batched: pixels in [0, 1] already) goes to Normalize's kernel at once: ToImage and ToDtype would leave
-    its values as they are, and on one small image torchvision's per-transform overhead costs more than the work."""
+    """ToImage, ToDtype(float32, scale=True), Normalize, called as their three kernels (v2.functional): the same
+    values, without torchvision's per-transform dispatch, which on one small image costs more than the work. A
+    plain float32 tensor (the output of a batched step, tf_image.Batched: pixels in [0, 1] already) goes to
+    Normalize's kernel at once: ToImage and ToDtype would leave its values as they are."""
 
     def forward(self, *inputs):
-        if len(inputs) == 1 and type(inputs[0]) is torch.Tensor and inputs[0].dtype == torch.float32:
-            last = self.transforms[-1]
-            return v2.functional.normalize(inputs[0], last.mean, last.std)
-        return super().forward(*inputs)
+        if len(inputs) != 1:
+            return super().forward(*inputs)
+        x, (_, _, last) = inputs[0], self.transforms
+        if not (type(x) is torch.Tensor and x.dtype == torch.float32):
+            x = v2.functional.to_dtype(v2.functional.to_image(x), torch.float32, scale=True)
+        return v2.functional.normalize(x, last.mean, last.std)
 
 
 class PILGaussianBlur(v2.Transform):
@@ -161,7 +164,10 @@ class Views(Dataset):
     def __getitem__(self, key):
         i, seed = key
         image, _ = self.base[i]
-        with seeded(seed):  # the caller's generator untouched (the loop's, when there are no loader workers)
+        # the caller's generator untouched (the loop's, when there are no loader workers); inference mode: the views
+        # never need autograd, and on a small image its per-operation bookkeeping is a sizeable share of the work
+        # (the batch collated from them is an ordinary tensor)
+        with seeded(seed), torch.inference_mode():
             return self.t1(image), self.t2(image)
 
 

@@ -196,7 +196,7 @@ def test_the_recipes_blur_with_pils_filter_as_their_official_code(name):
         assert not any(isinstance(t, v2.GaussianBlur) for t in view.modules())
 
 
-def test_normalize_takes_a_float_tensor_straight_to_its_kernel():
+def test_normalize_equals_its_three_transforms():
     """data.normalize on a batched step's float output: the values of the whole ToImage, ToDtype, Normalize."""
     from PIL import Image
     from torchvision.transforms import v2
@@ -205,4 +205,6 @@ def test_normalize_takes_a_float_tensor_straight_to_its_kernel():
     x = torch.rand(3, 8, 9, generator=torch.Generator().manual_seed(0)) * 1.2 - 0.1
     assert torch.equal(t(x), whole(x))
     image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (8, 9, 3), dtype=np.uint8))
-    assert torch.equal(t(image), whole(image))
+    assert torch.equal(t(image), whole(image)) and type(t(image)) is type(whole(image))  # PIL: the three kernels
+    pixels = v2.functional.pil_to_tensor(image)
+    assert torch.equal(t(pixels), whole(pixels)) and type(t(pixels)) is type(whole(pixels))  # uint8
