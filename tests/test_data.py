@@ -7,7 +7,7 @@ import torch
 import torchvision
 
 import simsiam
-from common import data, evaluate
+from common import bench, data, evaluate
 from conftest import SMALL, metrics, run_main, write_cifar10
 
 
@@ -208,3 +208,16 @@ def test_normalize_equals_its_three_transforms():
     assert torch.equal(t(image), whole(image)) and type(t(image)) is type(whole(image))  # PIL: the three kernels
     pixels = v2.functional.pil_to_tensor(image)
     assert torch.equal(t(pixels), whole(pixels)) and type(t(pixels)) is type(whole(pixels))  # uint8
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_the_views_batch_is_an_ordinary_tensor_a_model_can_train_on(image_folder, workers):
+    """The views are computed in inference mode (data.Views); the collated batch must not be an inference tensor,
+    which autograd refuses to save for backward and which refuses in-place changes outside inference mode."""
+    base = data.dataset("folder", image_folder, "pretrain", 16)
+    views = data.Views(base, *bench.method_views("simsiam", "cifar10"))
+    x1, x2 = next(iter(data.train_loader(views, 4, workers, 0, torch.device("cpu"))))
+    assert not x1.is_inference() and not x2.is_inference()
+    layer = torch.nn.Conv2d(3, 2, 3)
+    layer(x1.mul_(1.0)).sum().backward()  # in place, then saved for backward
+    assert layer.weight.grad is not None
