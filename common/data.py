@@ -5,9 +5,11 @@ views are the same whatever the number of ranks or loader workers and wherever a
 import contextlib
 from pathlib import Path
 
+import PIL.Image
 import torch
 import torchvision
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 from common import dist
@@ -168,7 +170,26 @@ class Views(Dataset):
         # never need autograd, and on a small image its per-operation bookkeeping is a sizeable share of the work
         # (the batch collated from them is an ordinary tensor)
         with seeded(seed), torch.inference_mode():
-            return self.t1(image), self.t2(image)
+            return run(self.t1, image), run(self.t2, image)
+
+
+def run(t, x):
+    """t(x) on one image, as v2.Compose runs it, with the kernels of the simplest steps called directly: ToImage on
+    a PIL image, ToDtype on an Image, RandomHorizontalFlip (its one draw, torch.rand(1) < p, then the kernel). The
+    same kernels, draws and values (tests/test_data.py), without torchvision's per-transform dispatch, which on a
+    CIFAR-size image costs about a tenth of a view's time."""
+    kind = type(t)
+    if kind is v2.Compose:
+        for step in t.transforms:
+            x = run(step, x)
+        return x
+    if kind is v2.ToImage and isinstance(x, PIL.Image.Image):
+        return v2.functional.to_image(x)
+    if kind is v2.ToDtype and isinstance(t.dtype, torch.dtype) and type(x) is tv_tensors.Image:
+        return v2.functional.to_dtype(x, t.dtype, scale=t.scale)
+    if kind is v2.RandomHorizontalFlip and isinstance(x, (PIL.Image.Image, tv_tensors.Image)):
+        return v2.functional.horizontal_flip(x) if torch.rand(1) < t.p else x
+    return t(x)
 
 
 class Transformed(Dataset):

@@ -111,18 +111,13 @@ def adjust_hue(x, delta):
     max and min and moves its middle channel along the hexcone; written here with the hue in sextants
     H·6 ∈ [0, 6) computed once for the three channels and each channel read off the hexcone at its offset
     (the same map: max, min and the hue's position within its sextant decide every channel)."""
-    r, g, b = x.unbind(dim=-3)
-    high, low = x.amax(dim=-3, keepdim=True), x.amin(dim=-3, keepdim=True)  # (n, 1, H, W)
-    chroma = high - low
-    # the hue from the channel that holds the max, the first of r, g, b (as the kernel): selected by 0/1 floats,
-    # the signs of max − x (exact products; torch.where's comparisons and boolean masks are slower on a CPU).
-    # With one of r_max, g_max, b_max 1 and the others 0, the sum below is that channel's numerator exactly and
-    # 2·g_max + 4·b_max its sextant's start: (g − b)/C, (b − r)/C + 2 or (r − g)/C + 4, as the kernel.
-    below_r, below_g, _ = (high - x).sign_().unbind(dim=-3)  # 0 where the channel is the max, else 1
-    g_max, b_max = below_r - below_r * below_g, below_r * below_g
-    numerator = (1.0 - below_r) * (g - b) + g_max * (b - r) + b_max * (r - g)
-    sextant = numerator.mul_(1.0 / _or_one(chroma[:, 0])).add_(g_max.mul_(2.0).add_(b_max, alpha=4.0))
-    sextant = (sextant + delta.view(-1, 1, 1).to(x.dtype) * 6.0).unsqueeze(-3)  # (n, 1, H, W); grey: any hue
+    high, first = x.max(dim=-3, keepdim=True)  # (n, 1, H, W): V and the first channel holding it (r, g, then b)
+    chroma = high - x.amin(dim=-3, keepdim=True)
+    # the hue from that channel, as the kernel: (g − b)/C, (b − r)/C + 2 or (r − g)/C + 4, the numerator
+    # gathered from (g − b, b − r, r − g) (each channel's next two, cyclically), the sextant's start 2·index
+    numerator = (x.roll(-1, dims=-3) - x.roll(-2, dims=-3)).gather(-3, first)
+    sextant = numerator.mul_(1.0 / _or_one(chroma)).add_(first * 2.0)
+    sextant += delta.view(-1, 1, 1, 1).to(x.dtype) * 6.0  # grey: any hue
     k = sextant + _hue_offsets(x.dtype, x.device)  # (n, 3, H, W)
     # k mod 6: the same value as k.remainder(6.0) in faster operations (k / 6 rounds below m for every k < 6m,
     # so the floor is exact; k − 6m is then exact for m ≥ 0, and for m < 0 one rounding of the exact k − 6m,

@@ -221,3 +221,21 @@ def test_the_views_batch_is_an_ordinary_tensor_a_model_can_train_on(image_folder
     layer = torch.nn.Conv2d(3, 2, 3)
     layer(x1.mul_(1.0)).sum().backward()  # in place, then saved for backward
     assert layer.weight.grad is not None
+
+
+@pytest.mark.parametrize("dataset", ["cifar10", "imagenet"])
+def test_views_run_each_pipeline_as_its_compose_does(dataset):
+    """data.run, which calls the kernels of ToImage, ToDtype and RandomHorizontalFlip directly, gives every method's
+    views the values and the random draws of the v2.Compose itself, sample for sample."""
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)) for _ in range(6)]
+    for name in bench.METHODS:
+        for t in bench.method_views(name, dataset):
+            for seed, image in enumerate(images):
+                with data.seeded(seed):
+                    ours, after = data.run(t, image), torch.rand(4)
+                with data.seeded(seed):
+                    theirs, expected = t(image), torch.rand(4)
+                assert type(ours) is type(theirs) and torch.equal(ours, theirs), (name, dataset, seed)
+                assert torch.equal(after, expected), (name, dataset, seed)  # the same draws, in the same number
