@@ -272,7 +272,7 @@ CATALOGUE = [
     M("views-one-draw", DATA,
       "The two views of an image are one augmentation draw returned twice.",
       "The positive pair is identical: the invariance task is trivial and nothing useful is learned.",
-      [("common/data.py", "self.t1(image), self.t2(image)", "(lambda view: (view, view))(self.t1(image))")],
+      [("common/data.py", "run(self.t1, image), run(self.t2, image)", "(lambda view: (view, view))(run(self.t1, image))")],
       [EPOCHS, "tests/test_distributed.py::test_views_are_a_function_of_the_seed_only"],
       [REVIEW]),
     M("sampler-epoch-ignored", DATA,

@@ -229,7 +229,7 @@ def test_views_run_each_pipeline_as_its_compose_does(dataset):
     views the values and the random draws of the v2.Compose itself, sample for sample."""
     from PIL import Image
     rng = np.random.default_rng(0)
-    images = [Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)) for _ in range(6)]
+    images = [Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)) for _ in range(3)]
     for name in bench.METHODS:
         for t in bench.method_views(name, dataset):
             for seed, image in enumerate(images):
