@@ -98,6 +98,18 @@ def _stream(run, loader):
             yield pair
 
 
+def per_second(stream, warmup, count, sync):
+    """Items of `stream` per second: `count` timed after `warmup` untimed, `sync` (the device's) around the timing."""
+    for _ in range(warmup):
+        next(stream)
+    sync()
+    start = time.perf_counter()
+    for _ in range(count):
+        next(stream)
+    sync()
+    return count / (time.perf_counter() - start)
+
+
 def drive(run, loader, opts, result, base_memory):
     """Run.batches for the bench: yields the batches of the four phases, timing the loop around it."""
     device, n, size = run.device, loader.batch_size, run.args.image_size
@@ -162,14 +174,7 @@ def drive(run, loader, opts, result, base_memory):
     # loader alone, then the loader feeding the step
     stream = _stream(run, loader)
     try:
-        for _ in range(opts.warmup):
-            next(stream)
-        sync()
-        start = time.perf_counter()
-        for _ in range(opts.steps):
-            next(stream)
-        sync()
-        result["loader"] = {"img_per_s": n * opts.steps / (time.perf_counter() - start)}
+        result["loader"] = {"img_per_s": n * per_second(stream, opts.warmup, opts.steps, sync)}
         for _ in range(opts.warmup):
             yield next(stream)
         seconds = yield from timed(next(stream) for _ in range(opts.steps))

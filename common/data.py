@@ -34,22 +34,7 @@ class DataError(Exception):
 def normalize(dataset):
     """The per-channel normalisation that ends every pipeline."""
     mean, std = MEAN_STD.get(dataset, IMAGENET_MEAN_STD)
-    return _Normalize([v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)])
-
-
-class _Normalize(v2.Compose):
-    """ToImage, ToDtype(float32, scale=True), Normalize, called as their three kernels (v2.functional): the same
-    values, without torchvision's per-transform dispatch, which on one small image costs more than the work. A
-    plain float32 tensor (the output of a batched step, tf_image.Batched: pixels in [0, 1] already) goes to
-    Normalize's kernel at once: ToImage and ToDtype would leave its values as they are."""
-
-    def forward(self, *inputs):
-        if len(inputs) != 1:
-            return super().forward(*inputs)
-        x, (_, _, last) = inputs[0], self.transforms
-        if not (type(x) is torch.Tensor and x.dtype == torch.float32):
-            x = v2.functional.to_dtype(v2.functional.to_image(x), torch.float32, scale=True)
-        return v2.functional.normalize(x, last.mean, last.std)
+    return v2.Compose([v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)])
 
 
 class PILGaussianBlur(v2.Transform):
@@ -174,8 +159,8 @@ class Views(Dataset):
 
 
 def run(t, x):
-    """t(x) on one image, as v2.Compose runs it, with the kernels of the simplest steps called directly: ToImage on
-    a PIL image, ToDtype on an Image, RandomHorizontalFlip (its one draw, torch.rand(1) < p, then the kernel). The
+    """t(x) on one image, as v2.Compose runs it, with the kernels of the simplest steps called directly: ToImage,
+    ToDtype on an Image, RandomHorizontalFlip (its one draw, torch.rand(1) < p, then the kernel), Normalize. The
     same kernels, draws and values (tests/test_data.py), without torchvision's per-transform dispatch, which on a
     CIFAR-size image costs about a tenth of a view's time."""
     kind = type(t)
@@ -183,12 +168,14 @@ def run(t, x):
         for step in t.transforms:
             x = run(step, x)
         return x
-    if kind is v2.ToImage and isinstance(x, PIL.Image.Image):
+    if kind is v2.ToImage and isinstance(x, (PIL.Image.Image, torch.Tensor)):
         return v2.functional.to_image(x)
     if kind is v2.ToDtype and isinstance(t.dtype, torch.dtype) and type(x) is tv_tensors.Image:
         return v2.functional.to_dtype(x, t.dtype, scale=t.scale)
     if kind is v2.RandomHorizontalFlip and isinstance(x, (PIL.Image.Image, tv_tensors.Image)):
         return v2.functional.horizontal_flip(x) if torch.rand(1) < t.p else x
+    if kind is v2.Normalize and type(x) is tv_tensors.Image:
+        return v2.functional.normalize(x, t.mean, t.std, t.inplace)
     return t(x)
 
 
@@ -201,7 +188,7 @@ class Transformed(Dataset):
 
     def __getitem__(self, i):
         image, label = self.base[i]
-        return self.transform(image), label
+        return run(self.transform, image), label
 
 
 class Sampler(DistributedSampler):

@@ -196,14 +196,17 @@ def test_the_recipes_blur_with_pils_filter_as_their_official_code(name):
         assert not any(isinstance(t, v2.GaussianBlur) for t in view.modules())
 
 
-def test_normalize_equals_its_three_transforms():
-    """data.normalize on a batched step's float output: the values of the whole ToImage, ToDtype, Normalize."""
+def test_run_normalizes_as_the_three_transforms():
+    """data.run on data.normalize (its kernels called directly): the values and type of the whole ToImage, ToDtype,
+    Normalize, on a batched step's float output, a PIL image and uint8 pixels."""
     from PIL import Image
     from torchvision.transforms import v2
-    t = data.normalize("cifar10")
-    whole = v2.Compose(list(t.transforms))
+    whole = data.normalize("cifar10")
+
+    def t(x):
+        return data.run(whole, x)
     x = torch.rand(3, 8, 9, generator=torch.Generator().manual_seed(0)) * 1.2 - 0.1
-    assert torch.equal(t(x), whole(x))
+    assert torch.equal(t(x), whole(x)) and type(t(x)) is type(whole(x))  # a batched step's plain float tensor
     image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (8, 9, 3), dtype=np.uint8))
     assert torch.equal(t(image), whole(image)) and type(t(image)) is type(whole(image))  # PIL: the three kernels
     pixels = v2.functional.pil_to_tensor(image)
